@@ -1,0 +1,132 @@
+"""Atomic, self-describing stage outputs.
+
+A stage writes into a temporary sibling directory and renames it into place only when it has
+finished, so a crash never leaves a half-written output that looks complete. Every output
+directory carries ``config.yaml`` (the resolved config), ``manifest.json`` (input hashes,
+code and library versions, seed) and, where the stage has them, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "tokenizers", "pymilvus", "unstructured")
+
+
+@contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a temp directory next to ``target``; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def hash_path(path: Path | str) -> str:
+    """sha256 of a file, or of a directory's relative paths and contents (sorted, dotfiles skipped)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        digest.update(rel.encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the working tree (with ``-dirty``), or ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def describe_output(
+    out_dir: Path,
+    *,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, Path | str],
+    seed: int | None,
+    metrics: dict[str, Any] | None = None,
+) -> None:
+    """Write ``config.yaml``, ``manifest.json`` and ``metrics.json`` into an output directory."""
+    out_dir = Path(out_dir)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    manifest = {
+        "stage": stage,
+        "seed": seed,
+        "code_version": code_version(),
+        "libraries": library_versions(),
+        "inputs": {name: hash_path(p) for name, p in inputs.items() if Path(p).exists()},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if metrics is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

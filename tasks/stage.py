@@ -1,0 +1,71 @@
+"""What every stage command shares: params, threads, the MLflow run, metrics, one-line errors.
+
+Each ``tasks/<stage>.py`` defines ``run(params, tracker) -> metrics`` and ends with
+``main = stage_command("<stage>", run)``; ``python -m tasks.<stage>`` is the command that
+``dvc.yaml`` runs. Metrics go to ``metrics/<stage>.json`` (atomically) and to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import write_json_atomic
+from components.config import flatten, to_dict
+from components.errors import PosttrainError
+from components.params import Params, load_params
+from components.tracking import Tracker
+
+StageFn = Callable[[Params, Tracker], dict[str, Any]]
+
+
+def configure_threads() -> None:
+    """Use the cores we were given, deliberately: ``OMP_NUM_THREADS`` or 2 (the CPU budget)."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2") or 2)
+    torch.set_num_threads(threads)
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric leaves of a (nested) metrics dict, with dotted keys, for MLflow."""
+    return {
+        k: float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[str, Any]:
+    """Run one stage inside its MLflow run and write ``metrics/<name>.json``."""
+    from tasks.tracking import stage_run
+
+    params = load_params(params_path)
+    configure_threads()
+    section = getattr(params, name)
+    with stage_run(name, params.tracking) as tracker:
+        tracker.log_params(flatten(to_dict(section)))
+        metrics = fn(params, tracker)
+        metrics_path = Path(params.paths.metrics) / f"{name}.json"
+        write_json_atomic(metrics_path, metrics)
+        tracker.log_metrics(numeric_metrics(metrics))
+        tracker.log_artifact(metrics_path)
+    return metrics
+
+
+def stage_command(name: str, fn: StageFn) -> Callable[[], None]:
+    """The ``main()`` of ``python -m tasks.<name>``: user errors become one line and exit code 2."""
+
+    def main() -> None:
+        try:
+            metrics = run_stage(name, fn)
+        except PosttrainError as exc:
+            print(f"posttrain {name}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in list(numeric_metrics(metrics).items())[:8])
+        print(f"posttrain {name}: done ({summary})")
+
+    return main

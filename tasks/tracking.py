@@ -1,0 +1,81 @@
+"""MLflow implementation of :class:`components.tracking.Tracker`, and the per-stage run.
+
+Nesting across processes: ``posttrain run`` opens a parent run and exports its id in
+``POSTTRAIN_PARENT_RUN_ID``; each stage subprocess (launched by ``dvc repro``) opens its run
+with that parent. A stage run by plain ``dvc repro`` finds no parent and opens a top-level run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from components.params import TrackingConfig
+
+PARENT_RUN_ENV = "POSTTRAIN_PARENT_RUN_ID"
+
+
+def configure(cfg: TrackingConfig) -> str:
+    """Point MLflow at the configured store and return the experiment id.
+
+    The experiment is created with an explicit artifact location so artifacts never land in
+    a CWD-relative ``mlruns/`` (MLflow's default with an sqlite store).
+    """
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.artifact_root
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    try:
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+class MlflowTracker:
+    """Logs into the active MLflow run."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        clean = {k: (str(v)[:500] if v is not None else "") for k, v in params.items()}
+        mlflow.log_params(clean)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_model(self, model_dir: Path | str, name: str, registered_name: str | None = None) -> None:
+        """Log a saved transformers model directory with the transformers flavor (and register it)."""
+        mlflow.transformers.log_model(
+            transformers_model=str(model_dir),
+            name=name,
+            task="text-generation",
+            registered_model_name=registered_name,
+        )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        mlflow.set_tags(tags)
+
+
+@contextmanager
+def stage_run(stage: str, cfg: TrackingConfig) -> Iterator[MlflowTracker]:
+    """Open the stage's MLflow run: nested under ``$POSTTRAIN_PARENT_RUN_ID`` when the flow set it."""
+    experiment_id = configure(cfg)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
+        mlflow.set_tags({"posttrain.stage": stage})
+        yield MlflowTracker()
