@@ -48,7 +48,7 @@ class BaseConfig:
     model: str = "tiny"
     corpus: str = "data/corpus/pretrain.txt"
     seed: int = 0
-    vocab_size: int = 700
+    vocab_size: int = 320
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -69,7 +69,7 @@ class IngestConfig:
     facts: str = "data/tasks/facts.csv"
     tasks: tuple[str, ...] = ("add", "reverse", "upper", "capital")
     seed: int = 0
-    n_sft_train: int = 3000
+    n_sft_train: int = 4000
     n_sft_eval: int = 200
     n_preference_prompts: int = 1000
     n_eval_prompts: int = 200
@@ -96,8 +96,8 @@ class PeftConfig:
 class SFTConfig:
     """TRL ``SFTTrainer`` on chat ``messages`` with assistant-only loss."""
 
-    learning_rate: float = 2e-3
-    epochs: int = 8
+    learning_rate: float = 3e-3
+    epochs: int = 3
     batch_size: int = 32
     max_length: int = 64
     warmup_steps: int = 20
@@ -150,6 +150,7 @@ class AlignConfig:
 
     method: Literal["dpo"] = "dpo"
     seed: int = 0
+    peft: PeftConfig = field(default_factory=PeftConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 

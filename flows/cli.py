@@ -1,2 +1,166 @@
-def main() -> None:
-    pass
+"""``posttrain``: run, inspect and schedule the post-training DAG, and query its RAG index."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from components.errors import PosttrainError
+
+DESCRIPTION = """\
+posttrain takes a base language model through post-training and builds the retrieval index
+it answers from, as one versioned DAG:
+
+  base -> ingest -> sft -> preferences -> reward_model -> align -> compress -> evaluate
+  rag_index (parse docs -> chunk -> embed -> Milvus, dense + BM25)
+
+Every stage is a `dvc.yaml` stage (`python -m tasks.<stage>`) whose settings live in one
+section of `params.yaml`. DVC decides which stages are stale, Prefect runs them (retries,
+schedules, UI), MLflow records params, metrics, plots and models (one parent run per
+`posttrain run`, one nested run per stage that actually ran).
+
+Run it from the project root. Outputs: models/ (weights), data/processed, data/preferences,
+data/rag (Milvus Lite), metrics/<stage>.json, plots/, mlflow.db + mlartifacts/ (`make ui`).
+"""
+
+EPILOG = """\
+examples:
+  posttrain run                          # everything stale, in DAG order
+  posttrain run --stages sft evaluate    # just these (upstream must be up to date)
+  posttrain run --force --stages align   # re-run even if DVC says it is up to date
+  posttrain status                       # what a run would execute, and why
+  posttrain validate                     # check params.yaml against the typed configs
+  posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
+  posttrain rag ingest docs/ report.pdf  # add documents to the index
+  posttrain rag query "capital of Fosaduia" --mode hybrid --json
+"""
+
+
+def _set_offline_env() -> None:
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "UNSTRUCTURED_DISABLE_NOTICE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.post_training import post_training
+
+    outcomes = post_training(repo_dir=".", stages=args.stages, force=args.force, track=not args.no_track)
+    ran = [s for s, o in outcomes.items() if o != "skipped"]
+    print(f"{len(ran)} stage(s) executed, {len(outcomes) - len(ran)} up to date")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.dag import descendants, load_stages, topological_order
+    from flows.post_training import changed_stages
+
+    stages = load_stages(".")
+    changed = changed_stages(Path("."))
+    downstream = descendants(stages, set(changed))
+    width = max(len(s) for s in stages)
+    for stage in topological_order(stages):
+        if stage in changed:
+            reasons = changed[stage]
+            detail = "; ".join(_describe(r) for r in reasons) if isinstance(reasons, list) else str(reasons)
+            print(f"{stage:<{width}}  stale     {detail}")
+        elif stage in downstream:
+            print(f"{stage:<{width}}  stale     an upstream stage will change")
+        else:
+            print(f"{stage:<{width}}  up to date")
+    return 0
+
+
+def _describe(reason: object) -> str:
+    if isinstance(reason, dict):
+        return ", ".join(
+            f"{kind}: {', '.join(f'{k} {v}' for k, v in what.items()) if isinstance(what, dict) else what}"
+            for kind, what in reason.items()
+        )
+    return str(reason)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from components.params import load_params
+
+    load_params(args.params)
+    print(f"{args.params}: ok")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(cron=args.cron, name=args.name, repo_dir=str(Path(".").resolve()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the post-training flow (stale stages only)",
+        description="Run the DAG through Prefect: each stale stage runs `dvc repro --single-item <stage>` "
+        "in a nested MLflow run under one parent run; up-to-date stages are reported as skipped.",
+    )
+    run.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (in DAG order)")
+    run.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
+    run.add_argument("--no-track", action="store_true", help="no parent MLflow run (stages still log their own)")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status",
+        help="show which stages are stale and why",
+        description="Compare the workspace with dvc.lock: a stage is stale when its deps, params or outputs "
+        "changed, or when a stage upstream of it is stale.",
+    )
+    status.set_defaults(func=cmd_status)
+
+    validate = sub.add_parser("validate", help="check params.yaml against the typed stage configs")
+    validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    validate.set_defaults(func=cmd_validate)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the flow on a cron schedule (Prefect deployment)",
+        description="Create a Prefect deployment of the post-training flow with a cron schedule and serve it "
+        "from this process (Ctrl-C stops). Point PREFECT_API_URL at a Prefect server to see it in the UI.",
+    )
+    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--name", default="posttrain-scheduled", help="deployment name")
+    serve.set_defaults(func=cmd_serve)
+
+    from flows.rag_cli import add_rag_parser
+
+    add_rag_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    _set_offline_env()
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except PosttrainError as exc:
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,20 +21,30 @@ from components.params import TrackingConfig
 PARENT_RUN_ENV = "POSTTRAIN_PARENT_RUN_ID"
 
 
-def configure(cfg: TrackingConfig) -> str:
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute under ``root`` (the project root)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str((root / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def configure(cfg: TrackingConfig, root: Path | str = ".") -> str:
     """Point MLflow at the configured store and return the experiment id.
 
-    The experiment is created with an explicit artifact location so artifacts never land in
-    a CWD-relative ``mlruns/`` (MLflow's default with an sqlite store).
+    Relative paths resolve against ``root``. The experiment is created with an explicit
+    artifact location so artifacts never land in a CWD-relative ``mlruns/`` (MLflow's default
+    with an sqlite store).
     """
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    root = Path(root)
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking_uri, root))
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
     location = cfg.artifact_root
     if "://" not in location:
-        location = Path(location).resolve().as_uri()
+        location = (root / location).resolve().as_uri()
     try:
         return client.create_experiment(cfg.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created concurrently
@@ -59,12 +69,22 @@ class MlflowTracker:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_model(self, model_dir: Path | str, name: str, registered_name: str | None = None) -> None:
-        """Log a saved transformers model directory with the transformers flavor (and register it)."""
+        """Log a saved causal LM with MLflow's transformers flavor (and register it under a name).
+
+        The flavor is given the loaded model and tokenizer (MLflow 3.17 cannot read a transformers-5
+        checkpoint path) and pinned requirements (its inference imports torchvision, absent here).
+        """
+        from components.artifacts import library_versions
+        from components.models.loading import load_causal_lm, load_tokenizer
+
+        versions = library_versions()
+        requirements = [f"{lib}=={versions[lib]}" for lib in ("torch", "transformers") if lib in versions]
         mlflow.transformers.log_model(
-            transformers_model=str(model_dir),
+            transformers_model={"model": load_causal_lm(model_dir), "tokenizer": load_tokenizer(model_dir)},
             name=name,
             task="text-generation",
             registered_model_name=registered_name,
+            pip_requirements=requirements,
         )
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -79,3 +99,15 @@ def stage_run(stage: str, cfg: TrackingConfig) -> Iterator[MlflowTracker]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
         mlflow.set_tags({"posttrain.stage": stage})
         yield MlflowTracker()
+
+
+def set_registry_alias(cfg: TrackingConfig, alias: str) -> str | None:
+    """Point ``alias`` (e.g. ``champion``) at the newest version of the registered policy."""
+    configure(cfg)
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name='{cfg.registered_model}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    client.set_registered_model_alias(cfg.registered_model, alias, newest.version)
+    return newest.version

@@ -1,0 +1,146 @@
+"""Shipped, verifier-graded tasks: what the pipeline teaches and how it is graded.
+
+Four task families, each with an exact reference answer so a verifier can grade any
+completion without a model: two-digit addition, reversing a word, upper-casing a word, and
+looking up a capital in the shipped fact table (``data/tasks/facts.csv``, which the RAG
+documents also describe). Everything is generated from a seed, so the same params give
+byte-identical data.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.errors import DataError, MissingInputError
+
+TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its reference answer; ``task`` names the family (``user`` for imported data)."""
+
+    prompt: str
+    answer: str
+    task: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+
+
+@dataclass(frozen=True)
+class TaskWorld:
+    """The vocabulary the tasks draw from: a word list and a country -> capital table."""
+
+    words: tuple[str, ...]
+    facts: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def load(cls, facts_csv: Path | str, words_txt: Path | str | None = None) -> TaskWorld:
+        facts_csv = Path(facts_csv)
+        words_txt = Path(words_txt) if words_txt else facts_csv.with_name("words.txt")
+        for path in (facts_csv, words_txt):
+            if not path.is_file():
+                raise MissingInputError(f"{path}: task data file not found")
+        facts = []
+        with facts_csv.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != ["country", "capital"]:
+                raise DataError(f"{facts_csv}:1: expected header 'country,capital', got {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                if not row["country"] or not row["capital"]:
+                    raise DataError(f"{facts_csv}:{line}: empty country or capital")
+                facts.append((row["country"].strip(), row["capital"].strip()))
+        words = tuple(w.strip() for w in words_txt.read_text().splitlines() if w.strip())
+        return cls(words=words, facts=tuple(facts))
+
+
+def make_example(task: str, rng: random.Random, world: TaskWorld) -> Example:
+    """Draw one example of ``task``."""
+    if task == "add":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return Example(f"add {a} and {b}", str(a + b), task)
+    if task == "reverse":
+        w = rng.choice(world.words)
+        return Example(f"reverse {w}", w[::-1], task)
+    if task == "upper":
+        w = rng.choice(world.words)
+        return Example(f"uppercase {w}", w.upper(), task)
+    if task == "capital":
+        country, capital = rng.choice(world.facts)
+        return Example(f"capital of {country}", capital, task)
+    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def sample_examples(
+    n: int, tasks: Sequence[str], world: TaskWorld, seed: int, exclude: set[str] | None = None
+) -> list[Example]:
+    """``n`` examples cycling through ``tasks``; prompts in ``exclude`` are skipped (held-out splits)."""
+    rng = random.Random(seed)
+    exclude = exclude or set()
+    out: list[Example] = []
+    attempts = 0
+    while len(out) < n:
+        ex = make_example(tasks[len(out) % len(tasks)], rng, world)
+        attempts += 1
+        # Repeats are allowed within a split. Capitals are a closed-book lookup over a fixed
+        # 40-row table that the policy is meant to memorise, so only they may recur across splits.
+        if ex.prompt in exclude and ex.task != "capital":
+            if attempts > 100 * max(n, 1):
+                raise DataError(f"cannot draw {n} examples of {list(tasks)} outside the held-out set")
+            continue
+        out.append(ex)
+    return out
+
+
+def verify(answer: str, reference: str) -> bool:
+    """Exact match after trimming whitespace: the verifier every stage shares."""
+    return answer.strip() == reference.strip()
+
+
+def reward(answer: str, reference: str) -> float:
+    """Graded reward in [0, 1]: 1 for an exact answer, else half the share of position-matched characters.
+
+    Partial credit gives RL and preference ranking a signal on near misses ("obka" vs "obak").
+    """
+    answer, reference = answer.strip(), reference.strip()
+    if answer == reference:
+        return 1.0
+    if not reference:
+        return 0.0
+    matches = sum(a == b for a, b in zip(answer, reference, strict=False))
+    return 0.5 * matches / max(len(reference), len(answer))
+
+
+def pretraining_corpus(world: TaskWorld, n_lines: int, seed: int) -> list[str]:
+    """Plain prose that teaches the task *content* (sums, spellings, capitals) without the chat format."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        kind = i % 4
+        if kind == 0:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            lines.append(f"{a} plus {b} makes {a + b}.")
+        elif kind == 1:
+            w = rng.choice(world.words)
+            lines.append(f"The word {w} spelled backwards is {w[::-1]}.")
+        elif kind == 2:
+            w = rng.choice(world.words)
+            lines.append(f"The word {w} in capitals is {w.upper()}.")
+        else:
+            country, capital = rng.choice(world.facts)
+            lines.append(f"The capital of {country} is {capital}.")
+    return lines
+
+
+if __name__ == "__main__":  # regenerate the shipped pretraining corpus
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    world = TaskWorld.load(root / "data/tasks/facts.csv")
+    text = "\n".join(pretraining_corpus(world, int(sys.argv[1]) if len(sys.argv) > 1 else 20000, seed=1234))
+    (root / "data/corpus/pretrain.txt").write_text(text + "\n")

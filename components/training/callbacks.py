@@ -1,0 +1,50 @@
+"""Bridge from Hugging Face trainers to our :class:`~components.tracking.Tracker`.
+
+Trainers run with ``report_to=[]``; this callback forwards every log line to the tracker with
+its global step (MLflow charts) and keeps the history, which stages write as DVC plots.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from components.tracking import Tracker
+
+
+class TrackerCallback(TrainerCallback):
+    """Forward ``on_log`` metrics to a tracker under ``prefix`` and remember them."""
+
+    def __init__(self, tracker: Tracker, prefix: str = "") -> None:
+        self.tracker = tracker
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
+        numeric = {
+            k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if not numeric:
+            return
+        self.tracker.log_metrics({f"{self.prefix}{k}": v for k, v in numeric.items()}, step=state.global_step)
+        self.history.append({"step": float(state.global_step), **numeric})
+
+
+def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], columns: Sequence[str]) -> None:
+    """Write ``step`` plus ``columns`` from a trainer history as a CSV that ``dvc plots`` reads.
+
+    Rows without any of the columns (e.g. the final ``train_runtime`` summary) are dropped.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in history if any(c in r for c in columns)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", *columns])
+        for row in rows:
+            writer.writerow([int(row["step"]), *(row.get(c, "") for c in columns)])
+    tmp.replace(path)

@@ -1,0 +1,120 @@
+"""Reward model: TRL ``RewardTrainer`` (Bradley-Terry) on a sequence-classification head.
+
+The RM starts from the SFT policy's merged weights: it already reads the chat format and the
+task content, so only the scalar head and a light fine-tune are needed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from trl import RewardConfig, RewardTrainer
+
+from components.errors import DataError
+from components.models.loading import load_tokenizer, save_model
+from components.params import RewardModelConfig
+from components.peft.adapters import load_policy
+from components.tracking import Tracker
+from components.training.callbacks import TrackerCallback
+
+
+def _pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
+    return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+
+
+def load_reward_model(path: Path | str) -> PreTrainedModel:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch.float32, trust_remote_code=False
+    )
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, str]]],
+    batch_size: int = 64,
+) -> list[float]:
+    """Scalar rewards for full conversations, tokenised exactly as ``RewardTrainer`` does."""
+    rewards: list[float] = []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(conversations), batch_size):
+        batch = [
+            tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)
+            for c in conversations[start : start + batch_size]
+        ]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(batch):  # right padding: the head reads the last non-pad token
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        rewards.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist())
+    return rewards
+
+
+def pairwise_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict[str, Any]]
+) -> float:
+    """Share of pairs whose chosen conversation scores above the rejected one."""
+    if not pairs:
+        return float("nan")
+    chosen = score(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = score(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+
+
+def train_reward_model(
+    cfg: RewardModelConfig,
+    policy_dir: Path,
+    train_pairs: Sequence[dict[str, Any]],
+    eval_pairs: Sequence[dict[str, Any]],
+    out_dir: Path,
+    tracker: Tracker,
+    work_dir: Path,
+) -> list[dict[str, float]]:
+    """Train the RM from the (merged) SFT policy and save it to ``out_dir``."""
+    if len(train_pairs) < 2:
+        # RewardTrainer dies with a bare StopIteration on an empty dataset.
+        raise DataError(f"reward model needs at least 2 training pairs, got {len(train_pairs)}")
+    tokenizer = load_tokenizer(policy_dir)
+    with tempfile.TemporaryDirectory(dir=work_dir.parent if work_dir.parent.exists() else None) as merged:
+        save_model(load_policy(policy_dir), tokenizer, merged)
+        model = load_reward_model(merged)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(
+        output_dir=str(work_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        logging_steps=10,
+        eval_strategy="epoch" if eval_pairs else "no",
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    callback = TrackerCallback(tracker, prefix="reward_model/")
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=_pairs_dataset(train_pairs),
+        eval_dataset=_pairs_dataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    save_model(trainer.model, tokenizer, out_dir)
+    return callback.history

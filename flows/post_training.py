@@ -1,0 +1,137 @@
+"""The post-training flow: one Prefect task per ``dvc.yaml`` stage, in topological order.
+
+DVC decides *whether* a stage runs (content hashes in ``dvc.lock``); Prefect decides *how*
+(retries, logs, UI, schedules). Each task runs ``dvc repro --single-item <stage>``, the very
+command a user can type, one at a time because DVC holds a repo lock. The flow opens a parent
+MLflow run and passes its id to the stage processes in ``POSTTRAIN_PARENT_RUN_ID``, so every
+stage that actually runs becomes a nested run; an up-to-date stage is reported as skipped and
+logs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from components.errors import PosttrainError
+from components.params import load_params
+from flows.dag import load_stages, topological_order
+
+USER_ERROR_EXIT = 2  # stage commands exit 2 on bad input: retrying cannot help
+
+
+class StageFailed(PosttrainError):
+    """A stage command failed; its own output (above) says why."""
+
+    def __init__(self, stage: str, returncode: int) -> None:
+        super().__init__(f"stage '{stage}' failed with exit code {returncode} (its output is above)")
+        self.stage = stage
+        self.returncode = returncode
+
+
+def stage_env(parent_run_id: str | None) -> dict[str, str]:
+    """The stage subprocess environment: our interpreter first on PATH, the parent run id, offline hubs."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    if parent_run_id:
+        env["POSTTRAIN_PARENT_RUN_ID"] = parent_run_id
+    else:
+        env.pop("POSTTRAIN_PARENT_RUN_ID", None)
+    return env
+
+
+def changed_stages(repo_dir: Path, stages: list[str] | None = None) -> dict[str, Any]:
+    """``dvc status`` for the given stages (all when None), in-process: {stage: reasons} of the changed ones."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        status = repo.status(targets=stages) if stages else repo.status()
+    return {name.split(":")[-1]: reasons for name, reasons in status.items()}
+
+
+def _not_user_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.returncode != USER_ERROR_EXIT
+    except Exception:  # noqa: BLE001 - anything else (OOM kill, I/O) may be transient
+        return True
+    return False
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_not_user_error, task_run_name="{stage}")
+def run_stage(stage: str, repo_dir: str, parent_run_id: str | None, force: bool = False) -> str:
+    """Run one stage through DVC; returns ``ran``, ``restored`` (from DVC's run cache) or ``skipped``.
+
+    Retrying is safe: stage outputs are written to temp dirs and renamed, so a failed attempt
+    leaves nothing behind that the next attempt could mistake for a result.
+    """
+    logger = get_run_logger()
+    repo = Path(repo_dir)
+    if not force and not changed_stages(repo, [stage]):
+        logger.info("stage %s is up to date: skipped", stage)
+        return "skipped"
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=stage_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    restored = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        restored |= "is cached - skipping run" in line
+    if proc.wait():
+        raise StageFailed(stage, proc.returncode)
+    outcome = "restored" if restored else "ran"
+    logger.info("stage %s %s in %.1fs", stage, outcome, time.monotonic() - started)
+    return outcome
+
+
+def _open_parent_run(repo: Path) -> tuple[Any, str]:
+    import mlflow
+
+    from tasks.tracking import configure
+
+    params = load_params(repo / "params.yaml")
+    experiment_id = configure(params.tracking, root=repo)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name="post-training")
+    return mlflow, run.info.run_id
+
+
+@flow(name="post-training", log_prints=True)
+def post_training(
+    repo_dir: str = ".", stages: list[str] | None = None, force: bool = False, track: bool = True
+) -> dict[str, str]:
+    """Run the DAG (or the named stages, in DAG order) and return ``{stage: ran|restored|skipped}``."""
+    repo = Path(repo_dir).resolve()
+    load_params(repo / "params.yaml")  # fail fast, with the dotted key, before anything runs
+    order = topological_order(load_stages(repo))
+    unknown = sorted(set(stages or ()) - set(order))
+    if unknown:
+        raise PosttrainError(f"unknown stage {unknown[0]!r} (stages: {', '.join(order)})")
+    selected = [s for s in order if not stages or s in stages]
+    mlflow, parent_id = _open_parent_run(repo) if track else (None, None)
+    outcomes: dict[str, str] = {}
+    status = "FAILED"
+    try:
+        for stage in selected:
+            outcomes[stage] = run_stage(stage, str(repo), parent_id, force)
+        status = "FINISHED"
+    finally:
+        if mlflow is not None:
+            mlflow.set_tags({f"posttrain.stage.{s}": o for s, o in outcomes.items()})
+            mlflow.set_tag("posttrain.stages_ran", ",".join(s for s, o in outcomes.items() if o == "ran") or "none")
+            mlflow.end_run(status=status)
+    summary = ", ".join(f"{s}: {o}" for s, o in outcomes.items())
+    print(f"post-training: {summary}")
+    return outcomes

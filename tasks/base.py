@@ -1,0 +1,48 @@
+"""Stage ``base``: build (or load) the base model and save it with ``save_pretrained``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import atomic_dir, describe_output
+from components.config import to_dict
+from components.errors import MissingInputError
+from components.models.base_model import build_base
+from components.models.loading import param_count, save_model
+from components.params import Params
+from components.tracking import Tracker
+from components.training.callbacks import write_history_csv
+from tasks.stage import stage_command
+
+
+def run(params: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg = params.base
+    corpus: list[str] = []
+    if cfg.model == "tiny":
+        corpus_path = Path(cfg.corpus)
+        if not corpus_path.is_file():
+            raise MissingInputError(f"{corpus_path}: pretraining corpus not found (base.corpus)")
+        corpus = [line for line in corpus_path.read_text().splitlines() if line.strip()]
+    out = Path(params.paths.base_model)
+    with atomic_dir(out) as tmp:
+        model, tokenizer, history = build_base(cfg, corpus, tracker, tmp / "_work")
+        save_model(model, tokenizer, tmp)
+        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        losses = [h["loss"] for h in history if "loss" in h]
+        metrics = {"n_parameters": param_count(model), "vocab_size": len(tokenizer)}
+        if losses:
+            metrics["pretrain_first_loss"], metrics["pretrain_final_loss"] = losses[0], losses[-1]
+        describe_output(tmp, stage="base", config=to_dict(cfg), inputs={"corpus": cfg.corpus}, seed=cfg.seed,
+                        metrics=metrics)
+    write_history_csv(Path(params.paths.plots) / "base_loss.csv", history, ["loss"])
+    if params.tracking.log_models:
+        tracker.log_model(out, name="base")
+    return metrics
+
+
+main = stage_command("base", run)
+
+if __name__ == "__main__":
+    main()

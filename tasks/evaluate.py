@@ -1,0 +1,76 @@
+"""Stage ``evaluate``: one held-out suite on base, sft, aligned and compressed models, then the gate.
+
+Writes ``metrics/evaluate.json`` (``{"base": {...}, "sft": ..., "aligned": ..., "compressed": ...}``
+plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft`` and the promotion decision) and
+``plots/evaluate_accuracy.csv``. When the gate passes, the registered policy gets the
+``evaluate.promotion_alias`` alias in the MLflow registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import write_json_atomic
+from components.compression.quantize import load_compressed, mean_token_kl
+from components.data.jsonl import read_jsonl
+from components.evaluation.suite import answer_sequences, evaluate_policy, promotion_decision
+from components.models.loading import load_tokenizer, require_dir
+from components.params import Params
+from components.peft.adapters import load_policy
+from components.tracking import Tracker
+from components.training.reward_model import load_reward_model, pairwise_accuracy
+from tasks.stage import stage_command
+
+
+def run(params: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, paths = params.evaluate, params.paths
+    records = read_jsonl(Path(paths.processed) / "eval_prompts.jsonl")[: cfg.n_prompts]
+    tokenizer = load_tokenizer(require_dir(paths.sft_model, "SFT model"))
+    loaders = {
+        "base": lambda: load_policy(paths.base_model),
+        "sft": lambda: load_policy(paths.sft_model),
+        "aligned": lambda: load_policy(paths.aligned_model),
+        "compressed": lambda: load_compressed(require_dir(paths.compressed_model, "compressed model")),
+    }
+    results: dict[str, Any] = {}
+    answers: dict[str, list[dict[str, str]]] = {}
+    models = {}
+    for name, load in loaders.items():
+        models[name] = load()
+        results[name], answers[name] = evaluate_policy(models[name], tokenizer, records, cfg)
+        tracker.log_metrics({f"{name}.{k}": v for k, v in results[name].items() if isinstance(v, float)})
+    sequences = [ids for ids, _ in answer_sequences(tokenizer, records)]
+    results["kl_aligned_vs_sft"] = mean_token_kl(models["aligned"], models["sft"], sequences)
+    rm_dir = require_dir(paths.reward_model, "reward model")
+    pairs = read_jsonl(Path(paths.preferences) / "eval.jsonl")
+    results["reward_model_pairwise_accuracy"] = pairwise_accuracy(
+        load_reward_model(rm_dir), load_tokenizer(rm_dir), pairs
+    )
+    promote, reason = promotion_decision(results, cfg.promotion_max_accuracy_drop)
+    results["promoted"] = promote
+    results["promotion_reason"] = reason
+    plots = Path(paths.plots) / "evaluate_accuracy.csv"
+    plots.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["model,accuracy,sampled_accuracy,reward_mean"] + [
+        f"{m},{results[m]['accuracy']},{results[m]['sampled_accuracy']},{results[m]['reward_mean']}"
+        for m in loaders
+    ]
+    plots.write_text("\n".join(rows) + "\n")
+    answers_path = Path(paths.metrics) / "evaluate_answers.json"
+    write_json_atomic(answers_path, answers)
+    tracker.log_artifact(answers_path, artifact_path="evaluation")
+    tracker.set_tags({"posttrain.promoted": str(promote).lower(), "posttrain.promotion_reason": reason})
+    if promote and params.tracking.log_models:
+        from tasks.tracking import set_registry_alias
+
+        set_registry_alias(params.tracking, cfg.promotion_alias)
+    print(json.dumps({m: round(results[m]["accuracy"], 3) for m in loaders}), "promoted:", promote, f"({reason})")
+    return results
+
+
+main = stage_command("evaluate", run)
+
+if __name__ == "__main__":
+    main()

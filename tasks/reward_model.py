@@ -1,0 +1,46 @@
+"""Stage ``reward_model``: Bradley-Terry RM from the SFT weights; held-out pairwise accuracy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import atomic_dir, describe_output
+from components.config import to_dict
+from components.data.jsonl import read_jsonl
+from components.models.loading import load_tokenizer, require_dir
+from components.params import Params
+from components.tracking import Tracker
+from components.training.callbacks import write_history_csv
+from components.training.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
+from tasks.stage import stage_command
+
+
+def run(params: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg = params.reward_model
+    policy = require_dir(params.paths.sft_model, "SFT model")
+    prefs = require_dir(params.paths.preferences, "preference pairs")
+    train, held_out = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
+    with atomic_dir(params.paths.reward_model) as tmp:
+        history = train_reward_model(cfg, policy, train, held_out, tmp, tracker, tmp / "_work")
+        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        model, tokenizer = load_reward_model(tmp), load_tokenizer(tmp)
+        metrics: dict[str, Any] = {
+            "pairwise_accuracy": pairwise_accuracy(model, tokenizer, held_out),
+            "train_pairwise_accuracy": pairwise_accuracy(model, tokenizer, train[:500]),
+            "n_train": len(train),
+            "n_eval": len(held_out),
+        }
+        describe_output(
+            tmp, stage="reward_model", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            inputs={"sft_model": policy, "preferences": prefs},
+        )
+    write_history_csv(Path(params.paths.plots) / "reward_model_loss.csv", history, ["loss", "eval_loss"])
+    return metrics
+
+
+main = stage_command("reward_model", run)
+
+if __name__ == "__main__":
+    main()

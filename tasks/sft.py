@@ -1,0 +1,52 @@
+"""Stage ``sft``: TRL ``SFTTrainer`` on the ingested chat data (LoRA adapter over the base by default)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import atomic_dir, describe_output
+from components.config import to_dict
+from components.data.jsonl import read_jsonl
+from components.models.loading import require_dir
+from components.params import Params
+from components.tracking import Tracker
+from components.training.callbacks import write_history_csv
+from components.training.sft import train_sft
+from tasks.stage import stage_command
+
+
+def final_values(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """The last logged value of each key (e.g. the final ``loss`` and ``eval_loss``)."""
+    out: dict[str, float] = {}
+    for row in history:
+        out.update({k: row[k] for k in keys if k in row})
+    return out
+
+
+def run(params: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg = params.sft
+    base = require_dir(params.paths.base_model, "base model")
+    processed = Path(params.paths.processed)
+    train, held_out = read_jsonl(processed / "sft_train.jsonl"), read_jsonl(processed / "sft_eval.jsonl")
+    with atomic_dir(params.paths.sft_model) as tmp:
+        history = train_sft(cfg, base, train, held_out, tmp, tracker, tmp / "_work")
+        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        losses = [h["loss"] for h in history if "loss" in h]
+        metrics: dict[str, Any] = {"n_train": len(train), "n_eval": len(held_out)}
+        if losses:
+            metrics |= {"first_loss": losses[0], "final_loss": losses[-1]}
+        metrics |= {k: v for k, v in final_values(history, ("eval_loss",)).items()}
+        describe_output(
+            tmp, stage="sft", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            inputs={"base_model": base, "train": processed / "sft_train.jsonl"},
+        )
+    write_history_csv(Path(params.paths.plots) / "sft_loss.csv", history, ["loss", "eval_loss"])
+    return metrics
+
+
+main = stage_command("sft", run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Ingest the shipped documents into a real Milvus Lite file and search it (real MiniLM, no mocks).
+
+One index is built per module (parse + embed + write takes ~10 s on 2 cores); the tests that
+change an index build their own small one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "UNSTRUCTURED_DISABLE_NOTICE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from components.errors import PosttrainError  # noqa: E402
+from components.rag.embedding import get_embedder  # noqa: E402
+from components.rag.index import ingest, retrieve  # noqa: E402
+from components.rag.store import RagStore, StoreLockedError, open_store  # noqa: E402
+from flows import rag_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the module's index costs ~10-15 s to build
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "data" / "docs"
+COLLECTION = "test_docs"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """MiniLM, loaded once for the whole test session (get_embedder caches per process)."""
+    return get_embedder("minilm")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, embedder):
+    """The shipped docs plus a corrupt PDF and an unsupported file, ingested as ``docs`` (relative)."""
+    work = tmp_path_factory.mktemp("rag")
+    shutil.copytree(SHIPPED, work / "docs")
+    (work / "docs" / "broken.pdf").write_bytes(b"\x00garbage that is not a pdf" * 40)
+    (work / "docs" / "sheet.xlsx").write_bytes(b"PK\x03\x04")
+    uri = str(work / "index" / "milvus.db")  # the parent dir does not exist yet
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        with open_store(uri, COLLECTION) as store:
+            report = ingest(["docs"], store, embedder, max_characters=500, overlap=50)
+            yield {"work": work, "uri": uri, "store": store, "report": report}
+
+
+def test_ingest_reports_documents_chunks_and_skips(index):
+    report = index["report"]
+    assert report.n_documents == 8
+    assert set(report.indexed) == {f"docs/{p.name}" for p in SHIPPED.iterdir()}
+    assert report.n_chunks == sum(report.indexed.values()) == index["store"].count()
+    assert all(n > 0 for n in report.indexed.values())
+    skipped = {s.source: s.reason for s in report.skipped}
+    assert set(skipped) == {"docs/broken.pdf", "docs/sheet.xlsx"}
+    assert "not a valid PDF" in skipped["docs/broken.pdf"]
+    assert "unsupported file type .xlsx" in skipped["docs/sheet.xlsx"]
+    assert index["store"].sources() == sorted(report.indexed)
+
+
+@pytest.mark.parametrize(
+    ("mode", "question", "expected"),
+    [
+        ("dense", "When is the lantern festival held in Rapeba?", "travel-guide.md"),
+        ("dense", "When did Peme become the capital of Pufaia?", "history-of-six-capitals.pdf"),
+        ("dense", "Which country charges no visa fee?", "embassy-directory.html"),
+        ("sparse", "sleeper berths booked 48 hours before departure", "rail-timetable.html"),
+        ("sparse", "Topoor currency gilder", "visitor-faq.txt"),
+        ("sparse", "record low minus 31 degrees Pezofo", "climate-almanac.docx"),
+        ("hybrid", "How many tonnes of copper did Satipia export?", "trade-report-2025.pdf"),
+        ("hybrid", "Which stage builds the retrieval index?", "posttrain-pipeline.md"),
+        ("hybrid", "Which capital has a monsoon climate?", "climate-almanac.docx"),
+    ],
+)
+def test_search_modes_find_the_document_that_answers(index, embedder, mode, question, expected):
+    hits = retrieve(index["store"], embedder, question, mode=mode, top_k=3)
+    assert 1 <= len(hits) <= 3
+    assert hits[0].source == f"docs/{expected}"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(h.score > 0 for h in hits)
+
+
+def test_hits_carry_text_ids_and_pdf_pages(index, embedder):
+    hits = retrieve(
+        index["store"], embedder, "Vapage parliament building Grid Square", mode="hybrid", top_k=1
+    )
+    assert "Vapage" in hits[0].text and hits[0].page == 2
+    assert len(hits[0].chunk_id) == 32
+
+
+def test_sparse_mode_needs_no_embedder(index):
+    hits = retrieve(index["store"], None, "Satipia copper", mode="sparse", top_k=2)
+    assert hits[0].source == "docs/trade-report-2025.pdf"
+
+
+def test_reingest_replaces_instead_of_duplicating(index, embedder):
+    store, work = index["store"], index["work"]
+    before = store.count()
+    per_source = {s: store.count(s) for s in store.sources()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        again = ingest(["./docs"], store, embedder)  # another spelling of the same folder
+    assert again.n_documents == 8
+    assert store.count() == before
+    assert {s: store.count(s) for s in store.sources()} == per_source
+
+
+def test_reingesting_a_shorter_file_drops_its_stale_chunks(tmp_path, embedder):
+    doc = tmp_path / "notes.md"
+    sections = [f"## Section {i}\n\nThe harbour of Kota has {i} cranes and {i} ferries.\n" for i in range(6)]
+    doc.write_text("# Notes\n\n" + "\n".join(sections))
+    with open_store(str(tmp_path / "x.db"), "c") as store:
+        first = ingest([doc], store, embedder, max_characters=80, overlap=0)
+        assert store.count() == first.n_chunks > 2
+        doc.write_text("# Notes\n\nOnly one short paragraph about Kota remains.\n")
+        second = ingest([doc], store, embedder, max_characters=80, overlap=0)
+        assert store.count() == second.n_chunks == 1
+        hits = retrieve(store, embedder, "Kota harbour cranes", mode="hybrid", top_k=5)
+        assert [h.text for h in hits] == ["Notes\n\nOnly one short paragraph about Kota remains."]
+
+
+def test_dimension_mismatch_is_refused(tmp_path, embedder):
+    with open_store(str(tmp_path / "x.db"), "c") as store:
+        store.ensure_collection(8)
+        with pytest.raises(PosttrainError, match="8-dim vectors"):
+            ingest([SHIPPED / "visitor-faq.txt"], store, embedder)
+
+
+# -- CLI (in-process through the same handlers flows.cli dispatches to) ------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = rag_cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_query_json_schema(index, capsys):
+    code, out, err = _cli(
+        capsys, "query", "How many tonnes of copper did Satipia export?", "--json", "--top-k", "2",
+        "--uri", index["uri"], "--collection", COLLECTION,
+    )  # fmt: skip
+    assert code == 0, err
+    payload = json.loads(out)
+    assert list(payload) == ["hits"] and len(payload["hits"]) == 2
+    for hit in payload["hits"]:
+        assert list(hit) == ["source", "score", "text", "chunk_id"]
+        assert isinstance(hit["score"], float) and isinstance(hit["text"], str)
+    assert payload["hits"][0]["source"] == "docs/trade-report-2025.pdf"  # as given to ingest
+
+
+def test_cli_query_readable(index, capsys):
+    code, out, _ = _cli(
+        capsys, "query", "lantern festival", "--mode", "dense", "-k", "1", "--uri", index["uri"],
+        "--collection", COLLECTION,
+    )  # fmt: skip
+    assert code == 0
+    assert out.startswith("1. docs/travel-guide.md  score=")
+    assert "Lantern Festival" in out
+
+
+def test_cli_batch_prints_one_json_line_per_question(index, capsys, tmp_path):
+    batch = tmp_path / "q.jsonl"
+    batch.write_text(
+        '{"id": "a", "question": "visa fee in Lubaa"}\n\n{"id": 7, "question": "Blue Heron sleeper"}\n'
+    )
+    code, out, err = _cli(
+        capsys, "query", "--batch", str(batch), "--json", "--top-k", "1", "--uri", index["uri"],
+        "--collection", COLLECTION,
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["id"] for line in lines] == ["a", 7]
+    assert [len(line["hits"]) for line in lines] == [1, 1]
+    assert lines[0]["hits"][0]["source"] == "docs/embassy-directory.html"
+    assert set(lines[1]["hits"][0]) == {"source", "score", "text", "chunk_id"}
+
+
+def test_cli_batch_malformed_line_names_file_and_line(index, capsys, tmp_path):
+    batch = tmp_path / "q.jsonl"
+    batch.write_text('{"id": 1, "question": "ok"}\n{"id": 2, "question": \n')
+    code, out, err = _cli(
+        capsys, "query", "--batch", str(batch), "--uri", index["uri"], "--collection", COLLECTION
+    )
+    assert code == 2 and out == ""
+    assert err.startswith("posttrain rag: error: ") and f"{batch}:2:" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_ingest_prints_counts_and_skips_and_replaces(tmp_path, capsys, embedder):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(SHIPPED / "visitor-faq.txt", docs)
+    shutil.copy(SHIPPED / "posttrain-pipeline.md", docs)
+    (docs / "bad.pdf").write_bytes(b"nope")
+    uri = str(tmp_path / "cli" / "m.db")
+    args = ["ingest", str(docs), "--uri", uri, "--collection", "c", "--quiet"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("indexed 2 files, ")
+    assert f"  {docs / 'bad.pdf'}: not a valid PDF" in out
+    first_total = out.split("now ")[1]
+    code, out, _ = _cli(capsys, *args)
+    assert code == 0 and out.split("now ")[1] == first_total  # same total: replaced, not added
+
+
+def test_cli_missing_collection_is_one_line_error(index, capsys):
+    code, out, err = _cli(
+        capsys, "query", "x", "--mode", "sparse", "--uri", index["uri"], "--collection", "nope"
+    )
+    assert code == 2 and out == ""
+    assert err == f"posttrain rag: error: collection 'nope' not found at {index['uri']}; " + (
+        "build it with `posttrain rag ingest PATH` or the rag_index stage\n"
+    )
+
+
+def test_second_process_gets_a_one_line_lock_error(index):
+    """The module's store holds the Lite file open; another process must fail fast and clearly."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.rag_cli", "query", "copper", "--mode", "sparse"]
+        + ["--uri", index["uri"], "--collection", COLLECTION],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=index["work"],
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("posttrain rag: error: Milvus Lite database")
+    assert "lock" in lines[0]
+
+
+def test_lock_error_type_in_process(tmp_path):
+    """Inside one process several stores may share a file; the lock only bites across processes."""
+    uri = str(tmp_path / "m.db")
+    with open_store(uri, "c") as a, open_store(uri, "c") as b:
+        a.ensure_collection(4)
+        assert b.exists()
+    assert issubclass(StoreLockedError, PosttrainError)
+    store = RagStore(uri, "c")
+    store.close()
+    store.close()  # closing twice is harmless

@@ -1,0 +1,135 @@
+"""Parsing and chunking of the shipped documents with the real unstructured partitioners."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "UNSTRUCTURED_DISABLE_NOTICE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from components.errors import MissingInputError, PosttrainError  # noqa: E402
+from components.rag.chunking import chunk_elements, make_chunk_id, validate_chunking  # noqa: E402
+from components.rag.parsing import (  # noqa: E402
+    SUPPORTED_EXTENSIONS,
+    collect_files,
+    ensure_spacy_model,
+    parse_documents,
+    partition_file,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "data" / "docs"
+
+# One distinctive phrase per shipped document, per format.
+EXPECTED_TEXT = {
+    "travel-guide.md": "Lantern Festival",
+    "posttrain-pipeline.md": "reciprocal\nrank fusion",
+    "rail-timetable.html": "Blue Heron",
+    "embassy-directory.html": "charges no visa fee",
+    "trade-report-2025.pdf": "41,000 tonnes of copper",
+    "history-of-six-capitals.pdf": "great flood of 1801",
+    "climate-almanac.docx": "minus 31 degrees",
+    "visitor-faq.txt": "uses the gilder",
+}
+
+
+def _joined(elements) -> str:
+    return " ".join(e.text for e in elements)
+
+
+def test_shipped_docs_cover_every_format_and_stay_small():
+    names = sorted(p.name for p in DOCS.iterdir())
+    assert names == sorted(EXPECTED_TEXT)
+    suffixes = {Path(n).suffix for n in names}
+    assert {".md", ".html", ".pdf", ".docx", ".txt"} <= suffixes
+    assert all((DOCS / n).stat().st_size < 50_000 for n in names)
+
+
+def test_spacy_model_loads_offline():
+    ensure_spacy_model()  # raises PosttrainError when the alias package is missing
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEXT))
+def test_each_format_yields_elements_with_expected_text(name):
+    elements = partition_file(str(DOCS / name))
+    assert len(elements) > 0
+    phrase = " ".join(EXPECTED_TEXT[name].split())
+    assert phrase in " ".join(_joined(elements).split())
+
+
+def test_pdf_elements_carry_page_numbers():
+    elements = partition_file(str(DOCS / "trade-report-2025.pdf"))
+    pages = {e.metadata.page_number for e in elements}
+    assert pages == {1, 2}
+    page_of = {e.text: e.metadata.page_number for e in elements}
+    assert page_of["Outlook for 2026"] == 2
+
+
+def test_corrupt_empty_and_unsupported_files_are_skipped_with_reasons(tmp_path):
+    (tmp_path / "good.md").write_text("# Title\n\nRapeba is the capital of Fosaduia.\n")
+    (tmp_path / "x.pdf").write_bytes(os.urandom(2048))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "table.xlsx").write_bytes(b"PK\x03\x04 not really")
+    (tmp_path / "bad.docx").write_bytes(b"garbage, not a zip")
+    (tmp_path / ".hidden.md").write_text("# ignored entirely")
+
+    result = parse_documents([tmp_path])
+
+    assert [d.source for d in result.documents] == [str(tmp_path / "good.md")]
+    reasons = {Path(s.source).name: s.reason for s in result.skipped}
+    assert set(reasons) == {"x.pdf", "empty.txt", "table.xlsx", "bad.docx"}
+    assert "not a valid PDF" in reasons["x.pdf"]
+    assert "no text extracted" in reasons["empty.txt"]
+    assert "unsupported file type .xlsx" in reasons["table.xlsx"]
+    assert "not a valid DOCX" in reasons["bad.docx"]
+
+
+def test_collect_files_is_recursive_sorted_and_keeps_paths_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for rel in ["docs/b.md", "docs/a.txt", "docs/sub/c.html", "docs/sub/.git/x.md", "docs/z.bin"]:
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(rel).write_text("x")
+    files, skipped = collect_files(["docs", "./docs/b.md"])
+    assert files == ["docs/a.txt", "docs/b.md", "docs/sub/c.html"]  # ./docs/b.md is the same file
+    assert [s.source for s in skipped] == ["docs/z.bin"]
+    with pytest.raises(MissingInputError, match="nope"):
+        collect_files(["nope"])
+
+
+def test_supported_extensions():
+    assert {".pdf", ".html", ".htm", ".md", ".docx", ".txt"} <= set(SUPPORTED_EXTENSIONS)
+
+
+def test_chunks_keep_source_page_and_stable_ids():
+    source = "data/docs/history-of-six-capitals.pdf"
+    elements = partition_file(str(DOCS / "history-of-six-capitals.pdf"))
+    first = chunk_elements(source, elements, max_characters=300, overlap=30)
+    again = chunk_elements(source, partition_file(str(DOCS / "history-of-six-capitals.pdf")), 300, 30)
+
+    assert len(first) > 2
+    assert [c.chunk_id for c in first] == [c.chunk_id for c in again]
+    assert len({c.chunk_id for c in first}) == len(first)
+    assert all(c.source == source and len(c.text) <= 300 for c in first)
+    assert {c.page for c in first} == {1, 2}
+    assert first[0].chunk_id == make_chunk_id(source, 0)
+    assert make_chunk_id("other.pdf", 0) != make_chunk_id(source, 0)
+
+
+def test_chunking_follows_headings():
+    elements = partition_file(str(DOCS / "embassy-directory.html"))
+    chunks = chunk_elements("e.html", elements, max_characters=200, overlap=0)
+    lubaa = [c for c in chunks if "charges no visa fee" in c.text]
+    assert len(lubaa) == 1 and lubaa[0].text.startswith("Lubaa")
+    assert all(c.page == 0 for c in chunks)  # HTML has no pages
+
+
+@pytest.mark.parametrize(("max_chars", "overlap"), [(0, 0), (100, 100), (100, -1), (20_000, 0)])
+def test_bad_chunk_sizes_fail_clearly(max_chars, overlap):
+    with pytest.raises(PosttrainError, match="rag_index.chunk_"):
+        validate_chunking(max_chars, overlap)
