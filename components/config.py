@@ -90,9 +90,7 @@ def build(cls: type[T], data: Mapping[str, Any] | None, prefix: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in data.items()}
     return cls(**kwargs)
 

@@ -108,7 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="posttrain", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="posttrain",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (in DAG order)")
     run.add_argument("--force", action="store_true", help="re-run the selected stages even if up to date")
-    run.add_argument("--no-track", action="store_true", help="no parent MLflow run (stages still log their own)")
+    run.add_argument(
+        "--no-track", action="store_true", help="no parent MLflow run (stages still log their own)"
+    )
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser(

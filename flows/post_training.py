@@ -50,7 +50,7 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
 
 
 def changed_stages(repo_dir: Path, stages: list[str] | None = None) -> dict[str, Any]:
-    """``dvc status`` for the given stages (all when None), in-process: {stage: reasons} of the changed ones."""
+    """In-process ``dvc status`` of the given stages (all when None): {stage: reasons} of the changed ones."""
     from dvc.repo import Repo
 
     with Repo(str(repo_dir)) as repo:
@@ -83,7 +83,12 @@ def run_stage(stage: str, repo_dir: str, parent_run_id: str | None, force: bool 
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     started = time.monotonic()
     proc = subprocess.Popen(
-        cmd, cwd=repo, env=stage_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=repo,
+        env=stage_env(parent_run_id),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     restored = False
     assert proc.stdout is not None
@@ -130,7 +135,9 @@ def post_training(
     finally:
         if mlflow is not None:
             mlflow.set_tags({f"posttrain.stage.{s}": o for s, o in outcomes.items()})
-            mlflow.set_tag("posttrain.stages_ran", ",".join(s for s, o in outcomes.items() if o == "ran") or "none")
+            mlflow.set_tag(
+                "posttrain.stages_ran", ",".join(s for s, o in outcomes.items() if o == "ran") or "none"
+            )
             mlflow.end_run(status=status)
     summary = ", ".join(f"{s}: {o}" for s, o in outcomes.items())
     print(f"post-training: {summary}")

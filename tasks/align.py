@@ -33,7 +33,11 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         metrics: dict[str, Any] = {"method": cfg.method, "n_train": len(train), "n_eval": len(held_out)}
         metrics |= {k.replace("/", "_"): v for k, v in final_values(history, keys).items()}
         describe_output(
-            tmp, stage="align", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            tmp,
+            stage="align",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            metrics=metrics,
             inputs={"sft_model": policy, "preferences": prefs},
         )
     write_history_csv(Path(params.paths.plots) / "align_loss.csv", history, ["loss", "eval_loss"])

@@ -34,8 +34,14 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         metrics = {"n_parameters": param_count(model), "vocab_size": len(tokenizer)}
         if losses:
             metrics["pretrain_first_loss"], metrics["pretrain_final_loss"] = losses[0], losses[-1]
-        describe_output(tmp, stage="base", config=to_dict(cfg), inputs={"corpus": cfg.corpus}, seed=cfg.seed,
-                        metrics=metrics)
+        describe_output(
+            tmp,
+            stage="base",
+            config=to_dict(cfg),
+            inputs={"corpus": cfg.corpus},
+            seed=cfg.seed,
+            metrics=metrics,
+        )
     write_history_csv(Path(params.paths.plots) / "base_loss.csv", history, ["loss"])
     if params.tracking.log_models:
         tracker.log_model(out, name="base")

@@ -36,7 +36,8 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     sequences = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["answer"]}],
-            tokenize=True, return_dict=False,
+            tokenize=True,
+            return_dict=False,
         )
         for p in prompts
     ]
@@ -59,7 +60,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             "n_fidelity_prompts": len(sequences),
         }
         describe_output(
-            tmp, stage="compress", config=to_dict(cfg), seed=None, metrics=metrics, inputs={"aligned_model": aligned}
+            tmp,
+            stage="compress",
+            config=to_dict(cfg),
+            seed=None,
+            metrics=metrics,
+            inputs={"aligned_model": aligned},
         )
     if params.tracking.log_models:
         tracker.log_model(out / "merged", name="policy", registered_name=params.tracking.registered_model)

@@ -66,7 +66,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         from tasks.tracking import set_registry_alias
 
         set_registry_alias(params.tracking, cfg.promotion_alias)
-    print(json.dumps({m: round(results[m]["accuracy"], 3) for m in loaders}), "promoted:", promote, f"({reason})")
+    print(
+        json.dumps({m: round(results[m]["accuracy"], 3) for m in loaders}),
+        "promoted:",
+        promote,
+        f"({reason})",
+    )
     return results
 
 

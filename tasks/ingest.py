@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
-from components.config import to_dict
+from components.config import ConfigError, to_dict
 from components.data.jsonl import load_preference_file, load_sft_file, write_jsonl
 from components.data.tasks import TASKS, Example, TaskWorld, sample_examples
-from components.config import ConfigError
 from components.params import IngestConfig, Params
 from components.tracking import Tracker
 from tasks.stage import stage_command
@@ -36,7 +35,9 @@ def build_splits(cfg: IngestConfig) -> dict[str, list[dict[str, Any]]]:
     held_out = {ex.prompt for ex in eval_prompts}
     sft_eval = sample_examples(cfg.n_sft_eval, cfg.tasks, world, seed=cfg.seed + 2, exclude=held_out)
     held_out |= {ex.prompt for ex in sft_eval}
-    pref_prompts = sample_examples(cfg.n_preference_prompts, cfg.tasks, world, seed=cfg.seed + 3, exclude=held_out)
+    pref_prompts = sample_examples(
+        cfg.n_preference_prompts, cfg.tasks, world, seed=cfg.seed + 3, exclude=held_out
+    )
     if cfg.sft_data:
         records = load_sft_file(cfg.sft_data)
         random.Random(cfg.seed).shuffle(records)
@@ -68,7 +69,9 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             inputs["preference_data"] = cfg.preference_data
         metrics: dict[str, Any] = {f"n_{name}": len(records) for name, records in splits.items()}
         metrics["sft_train_tasks"] = dict(Counter(r["task"] for r in splits["sft_train"]))
-        describe_output(tmp, stage="ingest", config=to_dict(cfg), inputs=inputs, seed=cfg.seed, metrics=metrics)
+        describe_output(
+            tmp, stage="ingest", config=to_dict(cfg), inputs=inputs, seed=cfg.seed, metrics=metrics
+        )
     tracker.log_artifact(Path(params.paths.processed) / "eval_prompts.jsonl", artifact_path="data")
     return metrics
 

@@ -53,7 +53,11 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         write_jsonl(tmp / "eval.jsonl", held_out)
         metrics = {**stats, "n_train": len(train), "n_eval": len(held_out), "n_user_pairs": len(user_pairs)}
         describe_output(
-            tmp, stage="preferences", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            tmp,
+            stage="preferences",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            metrics=metrics,
             inputs={"sft_model": params.paths.sft_model, "prompts": processed / "preference_prompts.jsonl"},
         )
     tracker.log_artifact(Path(params.paths.preferences) / "eval.jsonl", artifact_path="data")

@@ -33,7 +33,11 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             "n_eval": len(held_out),
         }
         describe_output(
-            tmp, stage="reward_model", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            tmp,
+            stage="reward_model",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            metrics=metrics,
             inputs={"sft_model": policy, "preferences": prefs},
         )
     write_history_csv(Path(params.paths.plots) / "reward_model_loss.csv", history, ["loss", "eval_loss"])

@@ -39,7 +39,11 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics |= {"first_loss": losses[0], "final_loss": losses[-1]}
         metrics |= {k: v for k, v in final_values(history, ("eval_loss",)).items()}
         describe_output(
-            tmp, stage="sft", config=to_dict(cfg), seed=cfg.seed, metrics=metrics,
+            tmp,
+            stage="sft",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            metrics=metrics,
             inputs={"base_model": base, "train": processed / "sft_train.jsonl"},
         )
     write_history_csv(Path(params.paths.plots) / "sft_loss.csv", history, ["loss", "eval_loss"])

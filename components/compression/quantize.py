@@ -38,7 +38,9 @@ def save_int8(qmodel: nn.Module, out_dir: Path | str) -> Path:
             if weight.qscheme() == torch.per_channel_affine:
                 tensors[f"{name}.scales"] = weight.q_per_channel_scales().float().contiguous()
             else:
-                tensors[f"{name}.scales"] = torch.full((weight.shape[0],), weight.q_scale(), dtype=torch.float32)
+                tensors[f"{name}.scales"] = torch.full(
+                    (weight.shape[0],), weight.q_scale(), dtype=torch.float32
+                )
             if bias is not None:
                 tensors[f"{name}.bias"] = bias.detach().contiguous()
     for name, tensor in qmodel.state_dict().items():
@@ -56,9 +58,9 @@ def load_int8(model_dir: Path | str) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_int8` (config from ``config.json``)."""
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    model = skeleton.to_empty(device="cpu")
+    # Built on the CPU, not the meta device: non-persistent buffers (rotary inv_freq) are not in
+    # the state dict, and to_empty() would leave them uninitialised.
+    model = AutoModelForCausalLM.from_config(config)
     tensors = load_file(str(model_dir / INT8_FILE))
     float_state = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales"))}
     missing = model.load_state_dict(float_state, strict=False).missing_keys

@@ -45,7 +45,9 @@ def build_pairs(
         counts = Counter(wrong)
         rejected = max(counts, key=lambda o: (counts[o], -reward(o, rec["answer"])))
         if right:
-            pairs.append(_pair(rec["prompt"], Counter(right).most_common(1)[0][0], rejected, "sampled", rec["task"]))
+            pairs.append(
+                _pair(rec["prompt"], Counter(right).most_common(1)[0][0], rejected, "sampled", rec["task"])
+            )
             continue
         all_wrong += 1
         if reference_as_chosen:

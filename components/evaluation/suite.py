@@ -32,7 +32,8 @@ def answer_sequences(
     for rec, prompt_ids in zip(records, prompts, strict=True):
         full = tokenizer.apply_chat_template(
             [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["answer"]}],
-            tokenize=True, return_dict=False,
+            tokenize=True,
+            return_dict=False,
         )
         out.append((full, len(prompt_ids)))
     return out
@@ -58,11 +59,23 @@ def evaluate_policy(
     cfg: EvaluateConfig,
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Score one model on the suite: (metrics incl. per-task accuracy, every greedy answer)."""
-    greedy = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.batch_size)
-    sampled = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.sample_temperature, num_return_sequences=cfg.n_samples,
-                       batch_size=cfg.batch_size, seed=cfg.seed)
+    greedy = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
+    sampled = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.sample_temperature,
+        num_return_sequences=cfg.n_samples,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     per_task: dict[str, list[bool]] = defaultdict(list)
     rewards: list[float] = []
     sampled_hits: list[bool] = []
@@ -78,15 +91,21 @@ def evaluate_policy(
         "perplexity": answer_perplexity(model, answer_sequences(tokenizer, records)),
         "accuracy_by_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
     }
-    answers = [{"prompt": r["prompt"], "answer": r["answer"], "output": g[0]} for r, g in zip(records, greedy, strict=True)]
+    answers = [
+        {"prompt": r["prompt"], "answer": r["answer"], "output": g[0]}
+        for r, g in zip(records, greedy, strict=True)
+    ]
     return metrics, answers
 
 
 def promotion_decision(results: dict[str, Any], max_drop: float) -> tuple[bool, str]:
-    """Promote the aligned model when neither alignment nor compression lost more than ``max_drop`` accuracy."""
+    """Promote the aligned model unless alignment or compression lost more than ``max_drop`` accuracy."""
     sft, aligned, compressed = (results[k]["accuracy"] for k in ("sft", "aligned", "compressed"))
     if aligned < sft - max_drop:
         return False, f"aligned accuracy {aligned:.3f} is more than {max_drop} below sft {sft:.3f}"
     if compressed < aligned - max_drop:
-        return False, f"compressed accuracy {compressed:.3f} is more than {max_drop} below aligned {aligned:.3f}"
+        return (
+            False,
+            f"compressed accuracy {compressed:.3f} is more than {max_drop} below aligned {aligned:.3f}",
+        )
     return True, f"aligned {aligned:.3f} vs sft {sft:.3f}; compressed {compressed:.3f}"

@@ -33,7 +33,9 @@ def build_base(
     if cfg.model == "tiny":
         tokenizer = tiny.build_tokenizer(corpus, cfg.vocab_size)
         model = tiny.build_model(cfg, tokenizer)
-        history = tiny.pretrain(model, tokenizer, corpus, cfg, tracker, work_dir) if cfg.pretrain_epochs else []
+        history = (
+            tiny.pretrain(model, tokenizer, corpus, cfg, tracker, work_dir) if cfg.pretrain_epochs else []
+        )
         return model, tokenizer, history
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)

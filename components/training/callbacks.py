@@ -25,7 +25,9 @@ class TrackerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
         numeric = {
-            k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            k: float(v)
+            for k, v in (logs or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if not numeric:
             return

@@ -1,0 +1,93 @@
+"""Shared test setup: offline, 2 threads, and a tiny copy of the project to run stages in.
+
+``tiny_params()`` is the shipped ``params.yaml`` with every stage scaled down so the whole DAG
+trains in about a minute on 2 cores; tests run real TRL/PEFT training, real MLflow on sqlite,
+real Milvus Lite and real DVC on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "UNSTRUCTURED_DISABLE_NOTICE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "2",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+TINY_OVERRIDES = {
+    "base": {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "max_position_embeddings": 64,
+        "pretrain_epochs": 1,
+        "pretrain_batch_size": 16,
+        "pretrain_block_size": 32,
+    },
+    "ingest": {"n_sft_train": 160, "n_sft_eval": 16, "n_preference_prompts": 48, "n_eval_prompts": 16},
+    "sft": {
+        "epochs": 2,
+        "learning_rate": 0.005,
+        "batch_size": 16,
+        "warmup_steps": 2,
+        "peft": {"r": 4, "alpha": 8},
+    },
+    "preferences": {"k": 4, "max_prompts": 48, "batch_size": 48, "max_new_tokens": 6},
+    "reward_model": {"epochs": 1, "batch_size": 8},
+    "align": {"peft": {"r": 4, "alpha": 8}, "dpo": {"epochs": 1, "batch_size": 8}},
+    "compress": {"n_fidelity_prompts": 8},
+    "evaluate": {"n_prompts": 16, "n_samples": 2, "max_new_tokens": 6},
+    "rag_index": {"chunk_max_characters": 400},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def tiny_params() -> dict:
+    """The shipped params scaled down (same keys, so the contract still holds)."""
+    return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
+
+
+def make_project(dest: Path, corpus_lines: int = 600) -> Path:
+    """A copy of the project's pipeline files with tiny params and a short corpus."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    for sub in ("data/tasks", "data/docs"):
+        shutil.copytree(ROOT / sub, dest / sub)
+    (dest / "data/corpus").mkdir(parents=True)
+    lines = (ROOT / "data/corpus/pretrain.txt").read_text().splitlines()[:corpus_lines]
+    (dest / "data/corpus/pretrain.txt").write_text("\n".join(lines) + "\n")
+    params = tiny_params()
+    params["tracking"]["log_models"] = False
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    return project

@@ -1,0 +1,132 @@
+"""The whole DAG through Prefect on the tiny config, then a no-op re-run and a one-param change.
+
+Runs ``posttrain`` as a user would (a subprocess in a fresh git + DVC repo) and checks what a
+user relies on: ``dvc.lock`` covers every stage, every metrics file exists, MLflow has one
+parent run with a nested run per stage, the Milvus collection holds the docs, a second run
+trains nothing, editing ``sft.learning_rate`` makes sft and its descendants (only) stale, and
+``dvc push``/``pull`` restore the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, make_project
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "base",
+    "ingest",
+    "sft",
+    "preferences",
+    "reward_model",
+    "align",
+    "compress",
+    "evaluate",
+    "rag_index",
+]
+
+
+def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1200, **kw)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("e2e") / "repo")
+    root.joinpath("models").mkdir()
+    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "t@example.com"], root)
+    sh(["git", "config", "user.name", "t"], root)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], root)
+    sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "remote")], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+def posttrain(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PREFECT_HOME=str(repo.parent / "prefect"), PREFECT_LOGGING_TO_API_ENABLED="false")
+    env.pop("POSTTRAIN_PARENT_RUN_ID", None)
+    return sh([str(Path(sys.executable).parent / "posttrain"), *args], repo, env=env)
+
+
+def mlflow_runs(repo: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("posttrain")
+    return client.search_runs([exp.experiment_id])
+
+
+def test_full_run_then_noop_then_param_change(repo: Path) -> None:
+    first = posttrain(repo, "run")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    for stage in STAGES:
+        assert (repo / f"metrics/{stage}.json").is_file(), stage
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    for model in ("base", "sft", "aligned", "compressed"):
+        assert {"accuracy", "reward_mean", "perplexity"} <= set(evaluate[model])
+    assert {"reward_model_pairwise_accuracy", "kl_aligned_vs_sft"} <= set(evaluate)
+    compress = json.loads((repo / "metrics/compress.json").read_text())
+    assert {"size_bytes_full", "size_bytes_compressed", "compression_ratio", "fidelity_kl"} <= set(compress)
+    assert "9 stage(s) executed" in first.stdout
+
+    runs = mlflow_runs(repo)
+    parents = [r for r in runs if r.info.run_name == "post-training"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(repo / "data/rag/milvus.db"))
+    try:
+        rows = client.query("posttrain_docs", filter="chunk_id != ''", output_fields=["source"], limit=1000)
+    finally:
+        client.close()
+    n_docs = json.loads((repo / "metrics/rag_index.json").read_text())["n_documents"]
+    assert len({r["source"] for r in rows}) == n_docs == len(list((repo / "data/docs").iterdir()))
+
+    # Nothing changed: every stage is skipped and no stage run is logged.
+    second = posttrain(repo, "run")
+    assert "0 stage(s) executed, 9 up to date" in second.stdout
+    assert len(mlflow_runs(repo)) == len(runs) + 1  # only the new parent run
+
+    # One param changed: sft and its descendants are stale; base, ingest and rag_index are not.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sft"]["learning_rate"] = 0.004
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = posttrain(repo, "status").stdout
+    state = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert {s for s, v in state.items() if v == "stale"} == {
+        "sft",
+        "preferences",
+        "reward_model",
+        "align",
+        "compress",
+        "evaluate",
+    }
+    third = posttrain(repo, "run", "--no-track")
+    assert "6 stage(s) executed, 3 up to date" in third.stdout
+
+    # The local DVC remote round-trips the outputs.
+    sh([sys.executable, "-m", "dvc", "push", "-q"], repo)
+    before = (repo / "models/sft/adapter_model.safetensors").read_bytes()
+    shutil.rmtree(repo / "models/sft")
+    shutil.rmtree(repo / ".dvc/cache")
+    sh([sys.executable, "-m", "dvc", "pull", "-q", "sft"], repo)
+    assert (repo / "models/sft/adapter_model.safetensors").read_bytes() == before
