@@ -48,24 +48,24 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: Path | str, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename (mode 0644); no temp file survives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path | str, data: Any) -> None:
+    """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def hash_path(path: Path | str) -> str:
@@ -77,7 +77,8 @@ def hash_path(path: Path | str) -> str:
         rel = file.relative_to(path).as_posix() if path.is_dir() else file.name
         if any(part.startswith(".") for part in Path(rel).parts):
             continue
-        digest.update(rel.encode())
+        # Length-prefixed name and size: ("a", "bc") and ("ab", "c") must not hash alike.
+        digest.update(f"{len(rel)}:{rel}:{file.stat().st_size}:".encode())
         with file.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)

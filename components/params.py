@@ -224,6 +224,9 @@ def parse_params(data: dict[str, Any]) -> Params:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
     classes = {f.name: f.default_factory for f in fields(Params)}
+    for name in SECTIONS:
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(data[name]).__name__}")
     return Params(**{name: build(classes[name], data.get(name), name) for name in SECTIONS})  # type: ignore[arg-type]
 
 

@@ -27,6 +27,8 @@ def _prompt_record(ex: Example) -> dict[str, str]:
 
 def build_splits(cfg: IngestConfig) -> dict[str, list[dict[str, Any]]]:
     """All ingest outputs, keyed by file stem. Held-out prompts never appear in training splits."""
+    if not cfg.tasks:
+        raise ConfigError(f"ingest.tasks: empty (choose from: {', '.join(TASKS)})")
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"ingest.tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
@@ -41,7 +43,7 @@ def build_splits(cfg: IngestConfig) -> dict[str, list[dict[str, Any]]]:
     if cfg.sft_data:
         records = load_sft_file(cfg.sft_data)
         random.Random(cfg.seed).shuffle(records)
-        n_eval = max(1, len(records) // 10)
+        n_eval = len(records) // 10  # 10% held out for eval loss; none for fewer than 10 records
         sft_train, sft_eval_records = records[n_eval:], records[:n_eval]
     else:
         train = sample_examples(cfg.n_sft_train, cfg.tasks, world, seed=cfg.seed + 4, exclude=held_out)

@@ -23,8 +23,12 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -52,7 +56,7 @@ def _turns(value: Any, where: str, field: str) -> list[dict[str, str]]:
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or set(turn) - {"role", "content"} or "role" not in turn:
             raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-        if turn["role"] not in ROLES:
+        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
             raise DataError(f"{where}: {field}[{i}].role {turn['role']!r} is not one of {sorted(ROLES)}")
         if not isinstance(turn.get("content"), str):
             raise DataError(f"{where}: {field}[{i}].content must be a string")

@@ -52,10 +52,15 @@ class TaskWorld:
             if reader.fieldnames != ["country", "capital"]:
                 raise DataError(f"{facts_csv}:1: expected header 'country,capital', got {reader.fieldnames}")
             for line, row in enumerate(reader, start=2):
-                if not row["country"] or not row["capital"]:
+                country, capital = (row["country"] or "").strip(), (row["capital"] or "").strip()
+                if not country or not capital:
                     raise DataError(f"{facts_csv}:{line}: empty country or capital")
-                facts.append((row["country"].strip(), row["capital"].strip()))
+                facts.append((country, capital))
+        if not facts:
+            raise DataError(f"{facts_csv}: no facts")
         words = tuple(w.strip() for w in words_txt.read_text().splitlines() if w.strip())
+        if not words:
+            raise DataError(f"{words_txt}: no words")
         return cls(words=words, facts=tuple(facts))
 
 

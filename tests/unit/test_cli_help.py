@@ -1,0 +1,109 @@
+"""``posttrain`` CLI: help text lists every command; ``validate`` reports one clear line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flows.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMANDS = ("run", "status", "serve", "rag", "validate")
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code
+
+
+def test_help_lists_every_command():
+    text = build_parser().format_help()
+    assert text.startswith("usage: posttrain")
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), f"{command} missing from --help"
+
+
+def test_help_flag_exits_zero_and_prints_help(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+    assert "examples:" in out  # the epilog with worked examples is shown
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_its_own_help(command, capsys):
+    assert _exit_code([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: posttrain {command}")
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert _exit_code([]) == 2
+    assert "usage: posttrain" in capsys.readouterr().err
+
+
+def test_serve_requires_cron(capsys):
+    assert _exit_code(["serve"]) == 2
+    assert "--cron" in capsys.readouterr().err
+
+
+def test_run_arguments_parse():
+    args = build_parser().parse_args(["run", "--stages", "sft", "evaluate", "--force", "--no-track"])
+    assert (args.command, args.stages, args.force, args.no_track) == ("run", ["sft", "evaluate"], True, True)
+    args = build_parser().parse_args(["run"])
+    assert (args.stages, args.force, args.no_track) == (None, False, False)
+
+
+def test_validate_ok_on_shipped_params(capsys):
+    params = ROOT / "params.yaml"
+    assert _exit_code(["validate", "--params", str(params)]) == 0
+    assert capsys.readouterr().out.strip() == f"{params}: ok"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("sft:\n  peft:\n    rr: 8\n", "sft.peft.rr"),
+        ("sft:\n  epochs: three\n", "sft.epochs"),
+        ("align:\n  method: ppo_typo\n", "align.method"),
+        ("ingest:\n  tasks: [add, 3]\n", "ingest.tasks[1]"),
+    ],
+)
+def test_validate_bad_params_exits_2_with_one_line_naming_the_key(tmp_path, capsys, text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert _exit_code(["validate", "--params", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err  # one line, no traceback
+    assert lines[0].startswith("posttrain validate: error: ")
+    assert f"{key}:" in lines[0]
+    assert "ok" not in captured.out
+
+
+def test_validate_missing_file_names_the_path(tmp_path, capsys):
+    path = tmp_path / "missing.yaml"
+    assert _exit_code(["validate", "--params", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(path) in lines[0]
+
+
+def test_validate_invalid_yaml_names_the_path(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("sft: [unclosed\n")
+    assert _exit_code(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"posttrain validate: error: {re.escape(str(path))}:\d+: not valid YAML", err)
+    assert "Traceback" not in err
+
+
+def test_validate_invalid_yaml_is_one_line(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("sft: [unclosed\n")
+    assert _exit_code(["validate", "--params", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert str(path) in lines[0]
