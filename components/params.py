@@ -69,7 +69,7 @@ class IngestConfig:
     facts: str = "data/tasks/facts.csv"
     tasks: tuple[str, ...] = ("add", "reverse", "upper", "capital")
     seed: int = 0
-    n_sft_train: int = 4000
+    n_sft_train: int = 6000
     n_sft_eval: int = 200
     n_preference_prompts: int = 1000
     n_eval_prompts: int = 200
@@ -105,7 +105,7 @@ class SFTConfig:
     """TRL ``SFTTrainer`` on chat ``messages`` with assistant-only loss."""
 
     learning_rate: float = 3e-3
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 32
     max_length: int = 64
     warmup_steps: int = 20
@@ -144,8 +144,8 @@ class DPOConfig:
     """TRL ``DPOTrainer``; ``loss_type: [sigmoid, sft]`` adds an NLL term on chosen (the RPO recipe)."""
 
     beta: float = 0.1
-    learning_rate: float = 1e-3
-    epochs: int = 3
+    learning_rate: float = 5e-4
+    epochs: int = 2
     batch_size: int = 16
     max_length: int = 64
     loss_type: tuple[str, ...] = ("sigmoid", "sft")

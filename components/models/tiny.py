@@ -25,7 +25,7 @@ from transformers import (
 
 from components.params import BaseConfig
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback
+from components.training.callbacks import TrackerCallback, logging_steps
 
 PAD, EOS = "<|pad|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -118,7 +118,7 @@ def pretrain(
         lr_scheduler_type="cosine",
         warmup_steps=10,
         weight_decay=0.0,
-        logging_steps=10,
+        logging_steps=logging_steps(len(blocks), cfg.pretrain_batch_size, cfg.pretrain_epochs),
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,

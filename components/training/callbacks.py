@@ -35,6 +35,12 @@ class TrackerCallback(TrainerCallback):
         self.history.append({"step": float(state.global_step), **numeric})
 
 
+def logging_steps(n_examples: int, batch_size: int, epochs: int, points: int = 20) -> int:
+    """Log about ``points`` times per run (every 10 steps at most), so short runs still get curves."""
+    steps = max(1, -(-n_examples // batch_size) * epochs)
+    return max(1, min(10, steps // points))
+
+
 def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], columns: Sequence[str]) -> None:
     """Write ``step`` plus ``columns`` from a trainer history as a CSV that ``dvc plots`` reads.
 

@@ -22,7 +22,7 @@ from components.models.loading import load_tokenizer
 from components.params import AlignConfig
 from components.peft.adapters import load_policy, lora_config, set_adapter_base
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback
+from components.training.callbacks import TrackerCallback, logging_steps
 
 
 def train_dpo(
@@ -50,7 +50,7 @@ def train_dpo(
         max_length=dpo.max_length,
         loss_type=list(dpo.loss_type),
         loss_weights=list(dpo.loss_weights),
-        logging_steps=10,
+        logging_steps=logging_steps(len(train_pairs), dpo.batch_size, dpo.epochs),
         eval_strategy="epoch" if eval_pairs else "no",
         save_strategy="no",
         report_to=[],

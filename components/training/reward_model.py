@@ -21,7 +21,7 @@ from components.models.loading import load_tokenizer, save_model
 from components.params import RewardModelConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback
+from components.training.callbacks import TrackerCallback, logging_steps
 
 
 def _pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
@@ -97,7 +97,7 @@ def train_reward_model(
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         max_length=cfg.max_length,
-        logging_steps=10,
+        logging_steps=logging_steps(len(train_pairs), cfg.batch_size, cfg.epochs),
         eval_strategy="epoch" if eval_pairs else "no",
         save_strategy="no",
         report_to=[],

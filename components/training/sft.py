@@ -14,7 +14,7 @@ from components.models.loading import load_tokenizer
 from components.params import SFTConfig
 from components.peft.adapters import load_policy, lora_config, set_adapter_base
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback
+from components.training.callbacks import TrackerCallback, logging_steps
 
 
 def _messages(records: Sequence[dict[str, Any]]) -> Dataset:
@@ -43,7 +43,7 @@ def train_sft(
         assistant_only_loss=True,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
-        logging_steps=10,
+        logging_steps=logging_steps(len(train_records), cfg.batch_size, cfg.epochs),
         eval_strategy="epoch" if eval_records else "no",
         save_strategy="no",
         report_to=[],
