@@ -21,6 +21,18 @@ from components.tracking import Tracker
 
 StageFn = Callable[[Params, Tracker], dict[str, Any]]
 
+# The ``paths`` key of each stage's output directory (evaluate writes metrics only).
+OUTPUT_PATHS = {
+    "base": "base_model",
+    "ingest": "processed",
+    "sft": "sft_model",
+    "preferences": "preferences",
+    "reward_model": "reward_model",
+    "align": "aligned_model",
+    "compress": "compressed_model",
+    "rag_index": "rag",
+}
+
 
 def configure_threads() -> None:
     """Use the cores we were given, deliberately: ``OMP_NUM_THREADS`` or 2 (the CPU budget)."""
@@ -53,6 +65,11 @@ def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[
         write_json_atomic(metrics_path, metrics)
         tracker.log_metrics(numeric_metrics(metrics))
         tracker.log_artifact(metrics_path)
+        if name in OUTPUT_PATHS:  # the output's self-description: resolved config and manifest
+            out_dir = Path(getattr(params.paths, OUTPUT_PATHS[name]))
+            for file in ("config.yaml", "manifest.json"):
+                if (out_dir / file).is_file():
+                    tracker.log_artifact(out_dir / file, artifact_path="output")
     return metrics
 
 
