@@ -268,6 +268,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not args.batch and not (args.question or "").strip():
         raise PosttrainError("a QUESTION (or --batch FILE) is required")
     cfg, uri, collection = _resolve(args)
+    mode, top_k = args.mode or cfg.mode, args.top_k or cfg.top_k
     items = read_batch(args.batch) if args.batch else [(None, args.question)]
 
     from components.rag.store import is_lite_uri, open_store
@@ -281,11 +282,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     with open_store(uri, collection) as store:
         store.count()  # fails with a clear message when the collection does not exist
         vectors: Sequence[Any] = [None] * len(items)
-        if args.mode != "sparse":
+        if mode != "sparse":
             embedder = _load_embedder(cfg.embedding_model)
             vectors = embedder.encode([q for _, q in items])
         results = [
-            store.search(question, vector, mode=args.mode, top_k=args.top_k)
+            store.search(question, vector, mode=mode, top_k=top_k)
             for (_, question), vector in zip(items, vectors, strict=True)
         ]
     if args.batch:
@@ -354,13 +355,19 @@ def add_rag_parser(subparsers: Any) -> None:
         help='JSON-lines file of {"id": ..., "question": ...} ("-" for stdin); prints JSON lines',
     )
     query.add_argument(
-        "-k", "--top-k", type=_positive_int, default=5, metavar="K", help="hits to return (default: 5)"
+        "-k",
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="hits to return (default: rag_index.top_k in params.yaml, 5)",
     )
     query.add_argument(
         "--mode",
         choices=("dense", "sparse", "hybrid"),
-        default="hybrid",
-        help="dense (MiniLM cosine), sparse (BM25) or hybrid (both, RRF) (default: hybrid)",
+        default=None,
+        help="dense (MiniLM cosine), sparse (BM25) or hybrid (both, RRF) "
+        "(default: rag_index.mode in params.yaml, hybrid)",
     )
     query.add_argument(
         "--json", action="store_true", help='print {"hits": [...]} as JSON (implied by --batch)'

@@ -77,6 +77,8 @@ def make_project(dest: Path, corpus_lines: int = 600) -> Path:
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     for sub in ("data/tasks", "data/docs"):
         shutil.copytree(ROOT / sub, dest / sub)
+    for code in ("components", "tasks"):  # dvc.yaml lists the stage code as deps
+        shutil.copytree(ROOT / code, dest / code, ignore=shutil.ignore_patterns("__pycache__"))
     (dest / "data/corpus").mkdir(parents=True)
     lines = (ROOT / "data/corpus/pretrain.txt").read_text().splitlines()[:corpus_lines]
     (dest / "data/corpus/pretrain.txt").write_text("\n".join(lines) + "\n")

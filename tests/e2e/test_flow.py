@@ -91,15 +91,12 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
 
-    from pymilvus import MilvusClient
+    from components.rag.store import open_store
 
-    client = MilvusClient(str(repo / "data/rag/milvus.db"))
-    try:
-        rows = client.query("posttrain_docs", filter="chunk_id != ''", output_fields=["source"], limit=1000)
-    finally:
-        client.close()
+    with open_store(str(repo / "data/rag/milvus.db"), "posttrain_docs") as store:
+        sources = store.sources()
     n_docs = json.loads((repo / "metrics/rag_index.json").read_text())["n_documents"]
-    assert len({r["source"] for r in rows}) == n_docs == len(list((repo / "data/docs").iterdir()))
+    assert len(sources) == n_docs == len(list((repo / "data/docs").iterdir()))
 
     # Nothing changed: every stage is skipped and no stage run is logged.
     second = posttrain(repo, "run")
