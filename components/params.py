@@ -178,7 +178,7 @@ class EvaluateConfig:
     max_new_tokens: int = 12
     batch_size: int = 64
     sample_temperature: float = 1.0
-    n_samples: int = 4
+    n_samples: int = 8
     seed: int = 0
     promotion_alias: str = "champion"
     promotion_max_accuracy_drop: float = 0.02

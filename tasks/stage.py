@@ -59,7 +59,7 @@ def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[
     configure_threads()
     section = getattr(params, name)
     with stage_run(name, params.tracking) as tracker:
-        tracker.log_params(flatten(to_dict(section)))
+        tracker.log_params(flatten(to_dict(section), prefix=f"{name}."))
         metrics = fn(params, tracker)
         metrics_path = Path(params.paths.metrics) / f"{name}.json"
         write_json_atomic(metrics_path, metrics)

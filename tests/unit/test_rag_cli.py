@@ -24,14 +24,11 @@ def test_leaf_commands_dispatch_through_func():
     assert args.func is rag_cli.cmd_ingest and args.paths == ["a.md", "docs"]
     args = _parser().parse_args(["rag", "query", "What is Gubu?"])
     assert args.func is rag_cli.cmd_query
-    assert (args.question, args.top_k, args.mode, args.json, args.batch) == (
-        "What is Gubu?",
-        5,
-        "hybrid",
-        False,
-        None,
-    )
-    assert args.collection is None and args.uri is None  # resolved from params.yaml at run time
+    assert (args.question, args.json, args.batch) == ("What is Gubu?", False, None)
+    # --top-k, --mode, --collection and --uri are resolved from params.yaml at run time.
+    assert args.top_k is None and args.mode is None
+    assert args.collection is None and args.uri is None
+    assert (rag_cli.rag_config("no-such-params.yaml").top_k, rag_cli.rag_config("no-such.yaml").mode) == (5, "hybrid")
     args = _parser().parse_args(
         ["rag", "query", "--batch", "q.jsonl", "-k", "3", "--mode", "sparse", "--json"]
     )
