@@ -28,7 +28,8 @@ def test_leaf_commands_dispatch_through_func():
     # --top-k, --mode, --collection and --uri are resolved from params.yaml at run time.
     assert args.top_k is None and args.mode is None
     assert args.collection is None and args.uri is None
-    assert (rag_cli.rag_config("no-such-params.yaml").top_k, rag_cli.rag_config("no-such.yaml").mode) == (5, "hybrid")
+    defaults = rag_cli.rag_config("no-such-params.yaml")
+    assert (defaults.top_k, defaults.mode) == (5, "hybrid")
     args = _parser().parse_args(
         ["rag", "query", "--batch", "q.jsonl", "-k", "3", "--mode", "sparse", "--json"]
     )
