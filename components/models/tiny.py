@@ -25,7 +25,7 @@ from transformers import (
 
 from components.params import BaseConfig
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback, logging_steps
+from components.training.callbacks import TrackerCallback, trainer_args
 
 PAD, EOS = "<|pad|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -110,22 +110,16 @@ def pretrain(
 
     blocks = pack_blocks(texts, tokenizer, cfg.pretrain_block_size)
     dataset = Dataset.from_dict({"input_ids": blocks})
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=cfg.pretrain_batch_size,
-        num_train_epochs=cfg.pretrain_epochs,
-        learning_rate=cfg.pretrain_learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=10,
-        weight_decay=0.0,
-        logging_steps=logging_steps(len(blocks), cfg.pretrain_batch_size, cfg.pretrain_epochs),
-        save_strategy="no",
-        report_to=[],
+    common = trainer_args(
+        work_dir,
         seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
+        learning_rate=cfg.pretrain_learning_rate,
+        epochs=cfg.pretrain_epochs,
+        batch_size=cfg.pretrain_batch_size,
+        n_examples=len(blocks),
+        has_eval=False,
     )
+    args = TrainingArguments(**common, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0)
     callback = TrackerCallback(tracker, prefix="pretrain/")
     trainer = Trainer(
         model=model,

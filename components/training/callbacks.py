@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from components.tracking import Tracker
 
@@ -39,6 +40,39 @@ def logging_steps(n_examples: int, batch_size: int, epochs: int, points: int = 2
     """Log about ``points`` times per run (every 10 steps at most), so short runs still get curves."""
     steps = max(1, -(-n_examples // batch_size) * epochs)
     return max(1, min(10, steps // points))
+
+
+def trainer_args(
+    work_dir: Path,
+    *,
+    seed: int,
+    learning_rate: float,
+    epochs: int,
+    batch_size: int,
+    n_examples: int,
+    has_eval: bool,
+) -> dict[str, Any]:
+    """The ``TrainingArguments`` every stage shares: CPU, seeded, no checkpoints, our own logging.
+
+    ``set_seed`` is called here too, before the trainer builds anything random (a reward head,
+    LoRA matrices), so a stage gives the same weights on every run.
+    """
+    set_seed(seed)
+    return {
+        "output_dir": str(work_dir),
+        "learning_rate": learning_rate,
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "logging_steps": logging_steps(n_examples, batch_size, epochs),
+        "eval_strategy": "epoch" if has_eval else "no",
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "data_seed": seed,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+    }
 
 
 def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], columns: Sequence[str]) -> None:

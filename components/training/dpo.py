@@ -22,7 +22,7 @@ from components.models.loading import load_tokenizer
 from components.params import AlignConfig
 from components.peft.adapters import load_policy, lora_config, set_adapter_base
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback, logging_steps
+from components.training.callbacks import TrackerCallback, trainer_args
 
 
 def train_dpo(
@@ -40,24 +40,21 @@ def train_dpo(
     dpo = cfg.dpo
     tokenizer = load_tokenizer(policy_dir)
     model = load_policy(policy_dir)
-    args = TRLDPOConfig(
-        output_dir=str(work_dir),
-        beta=dpo.beta,
+    common = trainer_args(
+        work_dir,
+        seed=cfg.seed,
         learning_rate=dpo.learning_rate,
-        num_train_epochs=dpo.epochs,
-        per_device_train_batch_size=dpo.batch_size,
-        per_device_eval_batch_size=dpo.batch_size,
+        epochs=dpo.epochs,
+        batch_size=dpo.batch_size,
+        n_examples=len(train_pairs),
+        has_eval=bool(eval_pairs),
+    )
+    args = TRLDPOConfig(
+        **common,
+        beta=dpo.beta,
         max_length=dpo.max_length,
         loss_type=list(dpo.loss_type),
         loss_weights=list(dpo.loss_weights),
-        logging_steps=logging_steps(len(train_pairs), dpo.batch_size, dpo.epochs),
-        eval_strategy="epoch" if eval_pairs else "no",
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
     )
 
     def dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:

@@ -21,7 +21,7 @@ from components.models.loading import load_tokenizer, save_model
 from components.params import RewardModelConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback, logging_steps
+from components.training.callbacks import TrackerCallback, trainer_args
 
 
 def _pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
@@ -86,26 +86,20 @@ def train_reward_model(
         # RewardTrainer dies with a bare StopIteration on an empty dataset.
         raise DataError(f"reward model needs at least 2 training pairs, got {len(train_pairs)}")
     tokenizer = load_tokenizer(policy_dir)
+    common = trainer_args(
+        work_dir,
+        seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        n_examples=len(train_pairs),
+        has_eval=bool(eval_pairs),
+    )  # seeds before the reward head is initialised
     with tempfile.TemporaryDirectory(dir=work_dir.parent if work_dir.parent.exists() else None) as merged:
         save_model(load_policy(policy_dir), tokenizer, merged)
         model = load_reward_model(merged)
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(
-        output_dir=str(work_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        logging_steps=logging_steps(len(train_pairs), cfg.batch_size, cfg.epochs),
-        eval_strategy="epoch" if eval_pairs else "no",
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+    args = RewardConfig(**common, max_length=cfg.max_length)
     callback = TrackerCallback(tracker, prefix="reward_model/")
     trainer = RewardTrainer(
         model=model,

@@ -14,7 +14,7 @@ from components.models.loading import load_tokenizer
 from components.params import SFTConfig
 from components.peft.adapters import load_policy, lora_config, set_adapter_base
 from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback, logging_steps
+from components.training.callbacks import TrackerCallback, trainer_args
 
 
 def _messages(records: Sequence[dict[str, Any]]) -> Dataset:
@@ -33,24 +33,21 @@ def train_sft(
     """Train and save the SFT policy (a LoRA adapter over ``base_dir``, or full weights)."""
     tokenizer = load_tokenizer(base_dir)
     model = load_policy(base_dir)
-    args = TRLSFTConfig(
-        output_dir=str(work_dir),
+    common = trainer_args(
+        work_dir,
+        seed=cfg.seed,
         learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        n_examples=len(train_records),
+        has_eval=bool(eval_records),
+    )
+    args = TRLSFTConfig(
+        **common,
         max_length=cfg.max_length,
         assistant_only_loss=True,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
-        logging_steps=logging_steps(len(train_records), cfg.batch_size, cfg.epochs),
-        eval_strategy="epoch" if eval_records else "no",
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
     )
     callback = TrackerCallback(tracker, prefix="sft/")
     trainer = SFTTrainer(

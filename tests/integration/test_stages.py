@@ -136,6 +136,26 @@ def test_reward_model_learns_to_rank_pairs(project: Path) -> None:
     assert metrics["train_pairwise_accuracy"] > 0.5
 
 
+def test_reward_model_training_is_reproducible(project: Path, tmp_path: Path) -> None:
+    """Same data and seed give the same weights, reward head included (seeded before it is built)."""
+    from components.training.reward_model import train_reward_model
+
+    params = load_params("params.yaml")
+    prefs = project / "data/preferences"
+    train = [json.loads(x) for x in (prefs / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(x) for x in (prefs / "eval.jsonl").read_text().splitlines()]
+    out = tmp_path / "rm"
+    out.mkdir()
+    train_reward_model(
+        params.reward_model, project / "models/sft", train, held_out, out, RecordingTracker(), tmp_path / "w"
+    )
+    first = load_file(str(project / "models/reward_model/model.safetensors"))
+    again = load_file(str(out / "model.safetensors"))
+    assert first.keys() == again.keys()
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+
+
 def test_align_dpo_moves_the_policy_off_sft(project: Path) -> None:
     metrics, tracker = run_stage("align")
     out = project / "models/aligned"
