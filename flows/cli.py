@@ -54,7 +54,10 @@ def _set_offline_env() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from components.params import load_params
     from flows.post_training import post_training
+
+    load_params("params.yaml")  # a bad key fails here in one line, before Prefect starts
 
     outcomes = post_training(repo_dir=".", stages=args.stages, force=args.force, track=not args.no_track)
     ran = [s for s, o in outcomes.items() if o != "skipped"]
