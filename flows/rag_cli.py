@@ -225,16 +225,10 @@ def read_batch(path: str) -> list[tuple[Any, str]]:
 
 
 def _parse_batch(lines: TextIO | Iterator[str], name: str) -> list[tuple[Any, str]]:
+    from components.data.jsonl import parse_jsonl_lines
+
     items: list[tuple[Any, str]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in parse_jsonl_lines(lines, name):
         if "id" not in record:
             raise DataError(f'{name}:{number}: missing "id"')
         question = record.get("question")

@@ -9,7 +9,7 @@ Everything is normalised to the conversational form the trainers and the chat te
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +18,34 @@ from components.errors import DataError, MissingInputError
 ROLES = {"system", "user", "assistant"}
 
 
+def parse_jsonl_lines(lines: Iterable[str | bytes], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` from raw lines; errors are ``DataError("name:line: ...")``.
+
+    Blank lines are skipped; every other line must be a UTF-8 JSON object.
+    """
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{name}:{number}: not valid UTF-8 (byte {exc.start})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name}:{number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
 def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)``; blank lines are skipped, anything else must be a JSON object."""
+    """:func:`parse_jsonl_lines` over a file; a missing file is a :class:`MissingInputError`."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path}: file not found")
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+        yield from parse_jsonl_lines(fh, str(path))
 
 
 def write_jsonl(path: Path | str, records: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.models.loading import load_causal_lm, require_dir
 from components.params import PeftConfig
@@ -49,6 +49,16 @@ def set_adapter_base(path: Path | str, base: Path | str) -> None:
     data = json.loads(cfg_path.read_text())
     data["base_model_name_or_path"] = str(base)
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_policy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, base: Path
+) -> None:
+    """Save a trained policy (adapter or full weights) with its tokenizer; an adapter records ``base``."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    if is_adapter(out_dir):
+        set_adapter_base(out_dir, base)
 
 
 def load_policy(path: Path | str) -> PreTrainedModel:

@@ -20,7 +20,7 @@ from trl import DPOTrainer
 from components.errors import DataError
 from components.models.loading import load_tokenizer
 from components.params import AlignConfig
-from components.peft.adapters import load_policy, lora_config, set_adapter_base
+from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
@@ -71,8 +71,5 @@ def train_dpo(
         callbacks=[callback],
     )
     trainer.train()
-    trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-    if cfg.peft.method != "none":
-        set_adapter_base(out_dir, policy_dir)
+    save_policy(trainer.model, tokenizer, out_dir, policy_dir)
     return callback.history

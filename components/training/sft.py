@@ -12,7 +12,7 @@ from trl import SFTTrainer
 
 from components.models.loading import load_tokenizer
 from components.params import SFTConfig
-from components.peft.adapters import load_policy, lora_config, set_adapter_base
+from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
@@ -60,8 +60,5 @@ def train_sft(
         callbacks=[callback],
     )
     trainer.train()
-    trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-    if cfg.peft.method != "none":
-        set_adapter_base(out_dir, base_dir)
+    save_policy(trainer.model, tokenizer, out_dir, base_dir)
     return callback.history

@@ -52,7 +52,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as exc:
         read_jsonl(path)
     assert f"{path}:3:" in str(exc.value)  # the blank line 2 still counts
-    assert "invalid JSON" in str(exc.value)
+    assert "not valid JSON" in str(exc.value)
 
 
 def test_non_object_line_names_file_and_line(tmp_path):
