@@ -3,7 +3,7 @@
 A stage writes into a temporary sibling directory and renames it into place only when it has
 finished, so a crash never leaves a half-written output that looks complete. Every output
 directory carries ``config.yaml`` (the resolved config), ``manifest.json`` (input hashes,
-code and library versions, seed) and, where the stage has them, ``metrics.json``.
+library versions, seed) and, where the stage has them, ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -86,7 +86,12 @@ def hash_path(path: Path | str) -> str:
 
 
 def code_version() -> str:
-    """The git commit of the working tree (with ``-dirty``), or ``unknown`` outside git."""
+    """The git commit of the working tree (with ``-dirty``), or ``unknown`` outside git.
+
+    Recorded as an MLflow tag, not in ``manifest.json``: a commit that leaves a stage's code
+    unchanged must not change its output bytes (DVC would re-run everything downstream, and
+    ``dvc repro`` would no longer reproduce outputs bit for bit).
+    """
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
@@ -127,7 +132,6 @@ def describe_output(
     manifest = {
         "stage": stage,
         "seed": seed,
-        "code_version": code_version(),
         "libraries": library_versions(),
         "inputs": {name: hash_path(p) for name, p in inputs.items() if Path(p).exists()},
     }

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import write_json_atomic
+from components.artifacts import code_version, write_json_atomic
 from components.config import flatten, to_dict
 from components.errors import PosttrainError
 from components.params import Params, load_params
@@ -59,6 +59,7 @@ def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[
     configure_threads()
     section = getattr(params, name)
     with stage_run(name, params.tracking) as tracker:
+        tracker.set_tags({"posttrain.code_version": code_version()})
         tracker.log_params(flatten(to_dict(section), prefix=f"{name}."))
         metrics = fn(params, tracker)
         metrics_path = Path(params.paths.metrics) / f"{name}.json"

@@ -33,6 +33,7 @@ def test_stage_logs_params_metrics_and_artifacts_to_mlflow(tiny_project: Path) -
     assert run.data.params["ingest.n_sft_train"] == "160"
     assert run.data.metrics["n_sft_train"] == metrics["n_sft_train"] == 160
     assert "mlflow.parentRunId" not in run.data.tags, "plain dvc repro opens a top-level run"
+    assert run.data.tags["posttrain.code_version"]  # the commit lives in MLflow, not in the output
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "ingest.json" in artifacts
     assert exp.artifact_location.startswith("file://") and "mlartifacts" in exp.artifact_location
