@@ -44,10 +44,13 @@ def adapter_base(path: Path | str) -> str:
 
 
 def set_adapter_base(path: Path | str, base: Path | str) -> None:
-    """Record the base an adapter applies to (a path relative to the project root)."""
+    """Record the base an adapter applies to (a path relative to the project root), deterministically."""
     cfg_path = Path(path) / ADAPTER_CONFIG
     data = json.loads(cfg_path.read_text())
     data["base_model_name_or_path"] = str(base)
+    # PEFT writes target_modules from a set, in hash order: sort it so equal runs give equal bytes.
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
     cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
