@@ -95,7 +95,9 @@ def test_sft_trains_a_lora_adapter_that_changes_the_model(project: Path) -> None
     adapter = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero: training must move it"
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/base"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "models/base"
+    assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"]), "bytes must not vary"
     assert metrics["final_loss"] < metrics["first_loss"]
     assert (project / "plots/sft_loss.csv").read_text().startswith("step,loss")
     from components.evaluation.generate import chat_prompt_ids
