@@ -64,6 +64,10 @@ def load_int8(model_dir: Path | str) -> nn.Module:
     tensors = load_file(str(model_dir / INT8_FILE))
     float_state = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales"))}
     missing = model.load_state_dict(float_state, strict=False).missing_keys
+    quantized = tuple(k[: -len("qweight")] for k in tensors if k.endswith(".qweight"))
+    unexplained = [k for k in missing if not k.startswith(quantized)]
+    if unexplained:
+        raise ValueError(f"{model_dir / INT8_FILE}: missing tensors {unexplained[:3]}")
     qmodel = quantize_dynamic_int8(model)
     for name, module in qmodel.named_modules():
         if not isinstance(module, DynamicQuantLinear):
@@ -73,15 +77,8 @@ def load_int8(model_dir: Path | str) -> nn.Module:
             tensors[f"{name}.qweight"], scales, torch.zeros_like(scales, dtype=torch.long), 0
         )
         module.set_weight_bias(qweight, tensors.get(f"{name}.bias"))
-    unexplained = [k for k in missing if not any(k.startswith(p) for p in _quantized_weight_names(tensors))]
-    if unexplained:
-        raise ValueError(f"{model_dir / INT8_FILE}: missing tensors {unexplained[:3]}")
     qmodel.eval()
     return qmodel
-
-
-def _quantized_weight_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return [k[: -len(".qweight")] + "." for k in tensors if k.endswith(".qweight")]
 
 
 def dir_size(path: Path | str, pattern: str = "*.safetensors") -> int:
