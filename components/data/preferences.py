@@ -65,6 +65,11 @@ def build_pairs(
     return pairs, stats
 
 
+def trl_columns(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the ``prompt``/``chosen``/``rejected`` columns TRL's preference trainers read."""
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+
+
 def split_pairs(
     pairs: Sequence[dict[str, Any]], eval_fraction: float, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

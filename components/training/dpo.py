@@ -17,6 +17,7 @@ from datasets import Dataset
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
+from components.data.preferences import trl_columns
 from components.errors import DataError
 from components.models.loading import load_tokenizer
 from components.params import AlignConfig
@@ -57,15 +58,12 @@ def train_dpo(
         loss_weights=list(dpo.loss_weights),
     )
 
-    def dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
-        return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-
     callback = TrackerCallback(tracker, prefix="align/")
     trainer = DPOTrainer(
         model=model,
         args=args,
-        train_dataset=dataset(train_pairs),
-        eval_dataset=dataset(eval_pairs) if eval_pairs else None,
+        train_dataset=Dataset.from_list(trl_columns(train_pairs)),
+        eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft),
         callbacks=[callback],

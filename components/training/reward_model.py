@@ -16,16 +16,13 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 from trl import RewardConfig, RewardTrainer
 
+from components.data.preferences import trl_columns
 from components.errors import DataError
 from components.models.loading import load_tokenizer, save_model
 from components.params import RewardModelConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
-
-
-def _pairs_dataset(pairs: Sequence[dict[str, Any]]) -> Dataset:
-    return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
 
 
 def load_reward_model(path: Path | str) -> PreTrainedModel:
@@ -104,8 +101,8 @@ def train_reward_model(
     trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=_pairs_dataset(train_pairs),
-        eval_dataset=_pairs_dataset(eval_pairs) if eval_pairs else None,
+        train_dataset=Dataset.from_list(trl_columns(train_pairs)),
+        eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
         processing_class=tokenizer,
         callbacks=[callback],
     )

@@ -16,21 +16,13 @@ import pytest
 from components.config import flatten, read_params, to_dict
 from components.params import SECTIONS, Params, load_params
 from flows.dag import load_stages, topological_order
+from tasks.stage import OUTPUT_PATHS
 
 ROOT = Path(__file__).resolve().parents[2]
 
 QUERY_TIME_ONLY = {"rag_index.top_k", "rag_index.mode"}  # read by `posttrain rag query`, not by the stage
 
-STAGE_OUT_PATH = {
-    "base": "base_model",
-    "ingest": "processed",
-    "sft": "sft_model",
-    "preferences": "preferences",
-    "reward_model": "reward_model",
-    "align": "aligned_model",
-    "compress": "compressed_model",
-    "rag_index": "rag",
-}
+STAGE_OUT_PATH = OUTPUT_PATHS  # the map run_stage uses to find each output's config/manifest
 
 
 @pytest.fixture(scope="module")
