@@ -25,6 +25,7 @@ class PathsConfig:
     reward_model: str = "models/reward_model"
     aligned_model: str = "models/aligned"
     compressed_model: str = "models/compressed"
+    evaluation: str = "data/evaluation"
     rag: str = "data/rag"
     metrics: str = "metrics"
     plots: str = "plots"

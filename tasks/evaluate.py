@@ -1,9 +1,10 @@
 """Stage ``evaluate``: one held-out suite on base, sft, aligned and compressed models, then the gate.
 
 Writes ``metrics/evaluate.json`` (``{"base": {...}, "sft": ..., "aligned": ..., "compressed": ...}``
-plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft`` and the promotion decision) and
-``plots/evaluate_accuracy.csv``. When the gate passes, the registered policy gets the
-``evaluate.promotion_alias`` alias in the MLflow registry.
+plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft`` and the promotion decision),
+``plots/evaluate_accuracy.csv`` and every greedy answer (``paths.evaluation``/answers.json).
+When the gate passes, the registered policy gets the ``evaluate.promotion_alias`` alias in the
+MLflow registry.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import write_json_atomic
+from components.artifacts import atomic_dir, describe_output
 from components.compression.quantize import load_compressed, mean_token_kl
+from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.evaluation.suite import answer_sequences, evaluate_policy, promotion_decision
 from components.models.loading import load_tokenizer, require_dir
@@ -22,6 +24,14 @@ from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from components.training.reward_model import load_reward_model, pairwise_accuracy
 from tasks.stage import stage_command
+
+MODEL_DIRS = {
+    "base": "base_model",
+    "sft": "sft_model",
+    "aligned": "aligned_model",
+    "compressed": "compressed_model",
+    "reward_model": "reward_model",
+}
 
 
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
@@ -58,9 +68,17 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         for m in loaders
     ]
     plots.write_text("\n".join(rows) + "\n")
-    answers_path = Path(paths.metrics) / "evaluate_answers.json"
-    write_json_atomic(answers_path, answers)
-    tracker.log_artifact(answers_path, artifact_path="evaluation")
+    with atomic_dir(paths.evaluation) as tmp:
+        (tmp / "answers.json").write_text(json.dumps(answers, indent=1) + "\n")
+        describe_output(
+            tmp,
+            stage="evaluate",
+            config=to_dict(cfg),
+            seed=cfg.seed,
+            metrics=results,
+            inputs={m: getattr(paths, d) for m, d in MODEL_DIRS.items()},
+        )
+    tracker.log_artifact(Path(paths.evaluation) / "answers.json", artifact_path="evaluation")
     tracker.set_tags({"posttrain.promoted": str(promote).lower(), "posttrain.promotion_reason": reason})
     if promote and params.tracking.log_models:
         from tasks.tracking import set_registry_alias

@@ -21,7 +21,7 @@ from components.tracking import Tracker
 
 StageFn = Callable[[Params, Tracker], dict[str, Any]]
 
-# The ``paths`` key of each stage's output directory (evaluate writes metrics only).
+# The ``paths`` key of each stage's output directory.
 OUTPUT_PATHS = {
     "base": "base_model",
     "ingest": "processed",
@@ -30,6 +30,7 @@ OUTPUT_PATHS = {
     "reward_model": "reward_model",
     "align": "aligned_model",
     "compress": "compressed_model",
+    "evaluate": "evaluation",
     "rag_index": "rag",
 }
 

@@ -207,5 +207,5 @@ def test_evaluate_scores_every_model_on_one_suite(project: Path) -> None:
     assert 0 <= results["reward_model_pairwise_accuracy"] <= 1
     assert results["kl_aligned_vs_sft"] > 0
     assert isinstance(results["promoted"], bool) and results["promotion_reason"]
-    answers = json.loads((project / "metrics/evaluate_answers.json").read_text())
+    answers = json.loads((project / "data/evaluation/answers.json").read_text())
     assert len(answers["sft"]) == 16
