@@ -110,4 +110,4 @@ def set_registry_alias(cfg: TrackingConfig, alias: str) -> str | None:
         return None
     newest = max(versions, key=lambda v: int(v.version))
     client.set_registered_model_alias(cfg.registered_model, alias, newest.version)
-    return newest.version
+    return str(newest.version)
