@@ -7,7 +7,6 @@ change an index build their own small one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,19 +14,11 @@ from pathlib import Path
 
 import pytest
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "UNSTRUCTURED_DISABLE_NOTICE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-from components.errors import PosttrainError  # noqa: E402
-from components.rag.embedding import get_embedder  # noqa: E402
-from components.rag.index import ingest, retrieve  # noqa: E402
-from components.rag.store import RagStore, StoreLockedError, open_store  # noqa: E402
-from flows import rag_cli  # noqa: E402
+from components.errors import PosttrainError
+from components.rag.embedding import get_embedder
+from components.rag.index import ingest, retrieve
+from components.rag.store import RagStore, StoreLockedError, open_store
+from flows import rag_cli
 
 pytestmark = pytest.mark.slow  # the module's index costs ~10-15 s to build
 

@@ -10,19 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "UNSTRUCTURED_DISABLE_NOTICE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-from components.errors import DataError, MissingInputError, PosttrainError  # noqa: E402
-from components.params import Params, PathsConfig, RagIndexConfig  # noqa: E402
-from components.rag.store import open_store  # noqa: E402
-from components.tracking import RecordingTracker  # noqa: E402
-from tasks import rag_index  # noqa: E402
+from components.errors import DataError, MissingInputError, PosttrainError
+from components.params import Params, PathsConfig, RagIndexConfig
+from components.rag.store import open_store
+from components.tracking import RecordingTracker
+from tasks import rag_index
 
 pytestmark = pytest.mark.slow  # loads MiniLM and parses PDFs: ~10-20 s for the module
 

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "UNSTRUCTURED_DISABLE_NOTICE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-from components.errors import MissingInputError, PosttrainError  # noqa: E402
-from components.rag.chunking import chunk_elements, make_chunk_id, validate_chunking  # noqa: E402
-from components.rag.parsing import (  # noqa: E402
+from components.errors import MissingInputError, PosttrainError
+from components.rag.chunking import chunk_elements, make_chunk_id, validate_chunking
+from components.rag.parsing import (
     SUPPORTED_EXTENSIONS,
     collect_files,
     ensure_spacy_model,
