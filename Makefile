@@ -4,19 +4,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DVC_NO_ANALYTICS := 1
-export UNSTRUCTURED_DISABLE_NOTICE := 1
-export TOKENIZERS_PARALLELISM := false
-export OMP_NUM_THREADS ?= 2
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# Offline/telemetry settings live in components/environment.py (applied on first import).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
-export PREFECT_LOGGING_TO_API_ENABLED := false
 
 .PHONY: setup run test test-fast lint ui status bench clean
 

@@ -38,21 +38,6 @@ examples:
 """
 
 
-def _set_offline_env() -> None:
-    for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DVC_NO_ANALYTICS": "1",
-        "UNSTRUCTURED_DISABLE_NOTICE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    }.items():
-        os.environ.setdefault(key, value)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from components.params import load_params
     from flows.post_training import post_training
@@ -160,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _set_offline_env()
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -36,12 +36,12 @@ class StageFailed(PosttrainError):
 
 
 def stage_env(parent_run_id: str | None) -> dict[str, str]:
-    """The stage subprocess environment: our interpreter first on PATH, the parent run id, offline hubs."""
+    """The stage subprocess environment: our interpreter first on PATH and the parent run id.
+
+    The offline/telemetry keys are already in ``os.environ`` (``components.environment``).
+    """
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("OMP_NUM_THREADS", "2")
     if parent_run_id:
         env["POSTTRAIN_PARENT_RUN_ID"] = parent_run_id
     else:

@@ -91,18 +91,6 @@ examples:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _offline_env() -> None:
-    """Never reach the Hub or a telemetry endpoint: every model here is loaded by path."""
-    for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "DO_NOT_TRACK": "true",
-        "UNSTRUCTURED_DISABLE_NOTICE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }.items():
-        os.environ.setdefault(key, value)
-
-
 def _quiet_known_noise() -> None:
     """Keep the CLI's stderr to what the user needs.
 
@@ -173,7 +161,6 @@ def _load_embedder(name: str) -> Any:
 @_handler
 def cmd_ingest(args: argparse.Namespace) -> int:
     """``posttrain rag ingest PATH...``"""
-    _offline_env()
     _quiet_known_noise()
     cfg, uri, collection = _resolve(args)
     from components.rag.chunking import validate_chunking
@@ -255,7 +242,6 @@ def _print_readable(hits: Sequence[Any], out: TextIO) -> None:
 @_handler
 def cmd_query(args: argparse.Namespace) -> int:
     """``posttrain rag query QUESTION`` / ``posttrain rag query --batch FILE``"""
-    _offline_env()
     _quiet_known_noise()
     if args.batch and args.question:
         raise PosttrainError("give either QUESTION or --batch FILE, not both")

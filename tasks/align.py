@@ -12,9 +12,8 @@ from components.data.jsonl import read_jsonl
 from components.models.loading import require_dir
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import write_history_csv
+from components.training.callbacks import final_values, write_history_csv
 from components.training.dpo import train_dpo
-from tasks.sft import final_values
 from tasks.stage import stage_command
 
 # One module per algorithm; the alignment issue adds ppo/grpo/rloo here.

@@ -13,6 +13,7 @@ from components.models.base_model import build_base
 from components.models.loading import param_count, save_model
 from components.params import Params
 from components.tracking import Tracker
+from components.training.pretrain import pretrain
 from components.training.callbacks import write_history_csv
 from tasks.stage import stage_command
 
@@ -27,7 +28,10 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         corpus = [line for line in corpus_path.read_text().splitlines() if line.strip()]
     out = Path(params.paths.base_model)
     with atomic_dir(out) as tmp:
-        model, tokenizer, history = build_base(cfg, corpus, tracker, tmp / "_work")
+        model, tokenizer = build_base(cfg, corpus)
+        history: list[dict[str, float]] = []
+        if cfg.model == "tiny" and cfg.pretrain_epochs:
+            history = pretrain(model, tokenizer, corpus, cfg, tracker, tmp / "_work")
         save_model(model, tokenizer, tmp)
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         losses = [h["loss"] for h in history if "loss" in h]

@@ -15,7 +15,7 @@ from typing import Any
 from components.artifacts import atomic_dir, describe_output
 from components.config import ConfigError, to_dict
 from components.data.jsonl import load_preference_file, load_sft_file, write_jsonl
-from components.data.tasks import TASKS, Example, TaskWorld, sample_examples
+from components.data.verifier import TASKS, Example, TaskWorld, sample_examples
 from components.params import IngestConfig, Params
 from components.tracking import Tracker
 from tasks.stage import stage_command

@@ -12,17 +12,9 @@ from components.data.jsonl import read_jsonl
 from components.models.loading import require_dir
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import write_history_csv
+from components.training.callbacks import final_values, write_history_csv
 from components.training.sft import train_sft
 from tasks.stage import stage_command
-
-
-def final_values(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
-    """The last logged value of each key (e.g. the final ``loss`` and ``eval_loss``)."""
-    out: dict[str, float] = {}
-    for row in history:
-        out.update({k: row[k] for k in keys if k in row})
-    return out
 
 
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:

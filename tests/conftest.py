@@ -14,21 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+import components  # noqa: F401 - applies components.environment (offline, 2 threads) first
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "UNSTRUCTURED_DISABLE_NOTICE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "2",
-}.items():
-    os.environ.setdefault(_key, _value)
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_OVERRIDES = {
     "base": {

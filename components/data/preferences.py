@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from components.data.tasks import reward, verify
+from components.data.verifier import reward, verify
 
 
 def _pair(prompt: str, chosen: str, rejected: str, source: str, task: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from components.data.tasks import reward, verify
+from components.data.verifier import reward, verify
 from components.evaluation.generate import chat_prompt_ids, generate
 from components.params import EvaluateConfig
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.models import tiny
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.params import BaseConfig
-from components.tracking import Tracker
 
 
 def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -26,18 +24,15 @@ def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         model.resize_token_embeddings(len(tokenizer))
 
 
-def build_base(
-    cfg: BaseConfig, corpus: Sequence[str], tracker: Tracker, work_dir: Path
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[dict[str, float]]]:
-    """Return (model, tokenizer, pretraining loss history) for ``cfg.model``."""
+def build_base(cfg: BaseConfig, corpus: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) for ``cfg.model``: the tiny model untrained, or a loaded model with a template.
+
+    The tiny model is pretrained afterwards by :func:`components.training.pretrain.pretrain`.
+    """
     if cfg.model == "tiny":
         tokenizer = tiny.build_tokenizer(corpus, cfg.vocab_size)
-        model = tiny.build_model(cfg, tokenizer)
-        history = (
-            tiny.pretrain(model, tokenizer, corpus, cfg, tracker, work_dir) if cfg.pretrain_epochs else []
-        )
-        return model, tokenizer, history
+        return tiny.build_model(cfg, tokenizer), tokenizer
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
     ensure_chat_template(model, tokenizer)
-    return model, tokenizer, []
+    return model, tokenizer

@@ -2,30 +2,20 @@
 
 Nothing is downloaded. The tokenizer is trained on the shipped corpus plus the task prompts,
 carries a chat template whose assistant turns are wrapped in ``{% generation %}`` so TRL can
-compute an assistant-only loss, and the model is a ``LlamaForCausalLM`` briefly pretrained on
-the shipped corpus, which teaches task *content* (sums, spellings, capitals) but never the chat
-format: that is what SFT adds.
+compute an assistant-only loss, and the model is a randomly initialised ``LlamaForCausalLM``.
+:mod:`components.training.pretrain` then briefly pretrains it on the shipped corpus, which
+teaches task *content* (sums, spellings, capitals) but never the chat format: that is what SFT adds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    DataCollatorForLanguageModeling,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from components.params import BaseConfig
-from components.tracking import Tracker
-from components.training.callbacks import TrackerCallback, trainer_args
 
 PAD, EOS = "<|pad|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -86,47 +76,3 @@ def build_model(cfg: BaseConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def pack_blocks(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> list[list[int]]:
-    """Concatenate lines (each ended by EOS) and cut the stream into equal blocks for causal-LM training."""
-    stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
-    return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-
-
-def pretrain(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    texts: Sequence[str],
-    cfg: BaseConfig,
-    tracker: Tracker,
-    work_dir: Path,
-) -> list[dict[str, float]]:
-    """Causal-LM pretraining with the transformers ``Trainer``; returns the logged loss history."""
-    from datasets import Dataset
-
-    blocks = pack_blocks(texts, tokenizer, cfg.pretrain_block_size)
-    dataset = Dataset.from_dict({"input_ids": blocks})
-    common = trainer_args(
-        work_dir,
-        seed=cfg.seed,
-        learning_rate=cfg.pretrain_learning_rate,
-        epochs=cfg.pretrain_epochs,
-        batch_size=cfg.pretrain_batch_size,
-        n_examples=len(blocks),
-        has_eval=False,
-    )
-    args = TrainingArguments(**common, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0)
-    callback = TrackerCallback(tracker, prefix="pretrain/")
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[callback],
-    )
-    trainer.train()
-    return callback.history

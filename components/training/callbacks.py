@@ -75,6 +75,14 @@ def trainer_args(
     }
 
 
+def final_values(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """The last logged value of each key (e.g. the final ``loss`` and ``eval_loss``)."""
+    out: dict[str, float] = {}
+    for row in history:
+        out.update({k: row[k] for k in keys if k in row})
+    return out
+
+
 def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], columns: Sequence[str]) -> None:
     """Write ``step`` plus ``columns`` from a trainer history as a CSV that ``dvc plots`` reads.
 

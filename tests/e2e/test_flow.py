@@ -103,6 +103,16 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
     assert "0 stage(s) executed, 9 up to date" in second.stdout
     assert len(mlflow_runs(repo)) == len(runs) + 1  # only the new parent run
 
+    # The verifier changed: the stages that grade with it are stale, and only their descendants.
+    verifier = repo / "components/data/verifier.py"
+    original = verifier.read_text()
+    verifier.write_text(original + "\n# graded differently now\n")
+    status = posttrain(repo, "status").stdout
+    state = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert {"preferences", "evaluate"} <= {s for s, v in state.items() if v == "stale"}, status
+    assert state["base"] == state["rag_index"] == "up", status
+    verifier.write_text(original)
+
     # One param changed: sft and its descendants are stale; base, ingest and rag_index are not.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["sft"]["learning_rate"] = 0.004

@@ -74,7 +74,10 @@ def test_base_is_deterministic(project: Path, tmp_path: Path) -> None:
 
     cfg = load_params("params.yaml").base
     corpus = [x for x in Path(cfg.corpus).read_text().splitlines() if x]
-    model, _, _ = build_base(cfg, corpus, RecordingTracker(), tmp_path / "work")
+    from components.training.pretrain import pretrain
+
+    model, tokenizer = build_base(cfg, corpus)
+    pretrain(model, tokenizer, corpus, cfg, RecordingTracker(), tmp_path / "work")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, first[name]), name
 
@@ -113,7 +116,7 @@ def test_sft_trains_a_lora_adapter_that_changes_the_model(project: Path) -> None
 
 def test_preferences_are_graded_pairs_in_trl_format(project: Path) -> None:
     metrics, _ = run_stage("preferences")
-    from components.data.tasks import verify
+    from components.data.verifier import verify
 
     pairs = [json.loads(x) for x in (project / "data/preferences/train.jsonl").read_text().splitlines()]
     prompts = {

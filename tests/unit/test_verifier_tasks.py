@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from components.config import ConfigError
-from components.data.tasks import TASKS, Example, TaskWorld, make_example, reward, sample_examples, verify
+from components.data.verifier import TASKS, Example, TaskWorld, make_example, reward, sample_examples, verify
 from components.errors import DataError, MissingInputError
 from components.params import IngestConfig
 from tasks.ingest import build_splits
