@@ -13,8 +13,8 @@ from components.models.base_model import build_base
 from components.models.loading import param_count, save_model
 from components.params import Params
 from components.tracking import Tracker
-from components.training.pretrain import pretrain
 from components.training.callbacks import write_history_csv
+from components.training.pretrain import pretrain
 from tasks.stage import stage_command
 
 

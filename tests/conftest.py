@@ -7,7 +7,6 @@ real Milvus Lite and real DVC on it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

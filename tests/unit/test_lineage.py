@@ -25,7 +25,7 @@ PACKAGES = ("components", "tasks", "flows")
 EXEMPT: dict[str, str] = {
     "components/errors.py": "exception classes: a message text, never output bytes",
     "components/tracking.py": "the Tracker protocol and an in-memory fake; no behaviour of its own",
-    "tasks/tracking.py": "MLflow logging (runs, params, models): writes to the tracking store, not to outputs",
+    "tasks/tracking.py": "MLflow logging (runs, params, models): writes the tracking store, not outputs",
     "tasks/stage.py": "the stage runner: loads params, opens the MLflow run, prints one-line errors",
 }
 
