@@ -23,21 +23,32 @@ from typing import Any
 
 import yaml
 
+from components.distributed import is_main_process, rank
+
 LIBRARIES = ("torch", "transformers", "trl", "peft", "tokenizers", "pymilvus", "unstructured")
 
 
 @contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield a temp directory next to ``target``; on success it replaces ``target`` in one rename."""
+    """Yield a temp directory next to ``target``; on success it replaces ``target`` in one rename.
+
+    On a non-zero DDP rank the directory is scratch: the worker may write into it as rank 0
+    does, but it is deleted instead of renamed, so only rank 0 produces the output.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    main = is_main_process()
+    prefix = f".{target.name}.tmp-" if main else f".{target.name}.tmp-rank{rank()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700; outputs should have normal directory permissions
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

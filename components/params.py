@@ -43,6 +43,26 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """Where training stages run: ``auto`` picks CUDA when present; ``processes > 1`` runs DDP.
+
+    ``precision: auto`` is bf16 on a CUDA device that supports it, else fp32; on CPU each
+    trainer keeps its own default (fp32 for pretraining, TRL's bf16 autocast for SFT, the reward
+    model and DPO: the outputs of earlier releases). :func:`components.distributed.resolve_compute`
+    resolves and checks both. With ``processes > 1`` a training stage re-executes itself under
+    ``accelerate launch`` (gloo on CPU, nccl on CUDA). Stages that do not train ignore this section.
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ConfigError(f"compute.processes: expected an int >= 1, got {self.processes!r}")
+
+
+@dataclass(frozen=True)
 class BaseConfig:
     """``model: tiny`` builds a tokenizer and a small Llama locally; anything else is a Hub id or path."""
 
@@ -173,7 +193,11 @@ class CompressConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """One held-out suite for every model; the gate decides whether ``aligned`` is promoted."""
+    """One held-out suite for every model; the gate compares the candidate with SFT and the champion.
+
+    ``promotion_max_accuracy_drop`` is the largest drop of ``promotion_metric`` below the current
+    champion that still promotes; the candidate may never score below SFT.
+    """
 
     n_prompts: int = 200
     max_new_tokens: int = 12
@@ -182,6 +206,7 @@ class EvaluateConfig:
     n_samples: int = 8
     seed: int = 0
     promotion_alias: str = "champion"
+    promotion_metric: Literal["accuracy", "sampled_accuracy", "reward_mean"] = "accuracy"
     promotion_max_accuracy_drop: float = 0.02
 
 
@@ -205,6 +230,7 @@ class Params:
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

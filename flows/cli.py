@@ -31,6 +31,8 @@ examples:
   posttrain run --force --stages align   # re-run even if DVC says it is up to date
   posttrain status                       # what a run would execute, and why
   posttrain validate                     # check params.yaml against the typed configs
+  posttrain promote                      # champion/challenger gate (after a plain dvc repro)
+  posttrain models                       # registered versions, aliases, held-out metrics
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
   posttrain rag ingest docs/ report.pdf  # add documents to the index
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
@@ -44,8 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_params("params.yaml")  # a bad key fails here in one line, before Prefect starts
 
     outcomes = post_training(repo_dir=".", stages=args.stages, force=args.force, track=not args.no_track)
-    ran = [s for s, o in outcomes.items() if o != "skipped"]
-    print(f"{len(ran)} stage(s) executed, {len(outcomes) - len(ran)} up to date")
+    stages = {s: o for s, o in outcomes.items() if s != "promote"}
+    ran = [s for s, o in stages.items() if o != "skipped"]
+    print(f"{len(ran)} stage(s) executed, {len(stages) - len(ran)} up to date")
     return 0
 
 
@@ -83,6 +86,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     load_params(args.params)
     print(f"{args.params}: ok")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "tasks.promote"]).returncode
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from components.params import load_params
+    from flows.registry import format_versions, list_versions
+
+    params = load_params(args.params)
+    print(format_versions(list_versions(params.tracking), params.evaluate.promotion_alias))
     return 0
 
 
@@ -126,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check params.yaml against the typed stage configs")
     validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     validate.set_defaults(func=cmd_validate)
+
+    promote = sub.add_parser(
+        "promote",
+        help="register the evaluated candidate and apply the champion/challenger gate",
+        description="Register the candidate that `evaluate` scored (once per content hash, tagged with the "
+        "dvc.lock hash, git commit and held-out metrics), then move the `evaluate.promotion_alias` alias "
+        "(default `champion`) to it only if it is not below SFT and within "
+        "`evaluate.promotion_max_accuracy_drop` of the current champion on `evaluate.promotion_metric`. "
+        "`posttrain run` does this after every run; run it yourself after a plain `dvc repro`.",
+    )
+    promote.set_defaults(func=cmd_promote)
+
+    models = sub.add_parser(
+        "models",
+        help="list registered policy versions, their aliases and held-out metrics",
+        description="Every version of `tracking.registered_model` in the MLflow registry: aliases, the "
+        "gate's verdict and reason, the key held-out metrics and the lineage tags.",
+    )
+    models.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    models.set_defaults(func=cmd_models)
 
     serve = sub.add_parser(
         "serve",

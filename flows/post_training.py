@@ -10,6 +10,7 @@ logs nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,28 @@ def run_stage(stage: str, repo_dir: str, parent_run_id: str | None, force: bool 
     return outcome
 
 
+@task(task_run_name="promote")
+def promote_candidate(repo_dir: str, parent_run_id: str | None) -> dict[str, Any] | None:
+    """Run ``python -m tasks.promote`` (register the candidate, champion/challenger gate).
+
+    Not retried: it is idempotent and keyed by the candidate's content hash, so the next run
+    repairs whatever a failed one left. Returns the decision, or None when nothing is registered.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.promote"],
+        cwd=repo_dir,
+        env=stage_env(parent_run_id),
+        capture_output=True,
+        text=True,
+    )
+    sys.stdout.write("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("{")) + "\n")
+    sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")
+    if proc.returncode:
+        raise StageFailed("promote", proc.returncode)
+    decisions = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return decisions[-1] if decisions else None
+
+
 def _open_parent_run(repo: Path) -> tuple[Any, str]:
     import mlflow
 
@@ -117,7 +140,11 @@ def _open_parent_run(repo: Path) -> tuple[Any, str]:
 def post_training(
     repo_dir: str = ".", stages: list[str] | None = None, force: bool = False, track: bool = True
 ) -> dict[str, str]:
-    """Run the DAG (or the named stages, in DAG order) and return ``{stage: ran|restored|skipped}``."""
+    """Run the DAG (or the named stages, in DAG order), then the champion/challenger gate.
+
+    Returns ``{stage: ran|restored|skipped}`` plus ``promote: promoted|not promoted`` when the
+    gate ran (whenever ``evaluate`` is selected and ``tracking.log_models`` is on).
+    """
     repo = Path(repo_dir).resolve()
     load_params(repo / "params.yaml")  # fail fast, with the dotted key, before anything runs
     order = topological_order(load_stages(repo))
@@ -131,12 +158,17 @@ def post_training(
     try:
         for stage in selected:
             outcomes[stage] = run_stage(stage, str(repo), parent_id, force)
+        if "evaluate" in selected:  # the registry follows the lineage, also when nothing re-ran
+            decision = promote_candidate(str(repo), parent_id)
+            if decision is not None:
+                outcomes["promote"] = "promoted" if decision["promoted"] else "not promoted"
         status = "FINISHED"
     finally:
         if mlflow is not None:
             mlflow.set_tags({f"posttrain.stage.{s}": o for s, o in outcomes.items()})
             mlflow.set_tag(
-                "posttrain.stages_ran", ",".join(s for s, o in outcomes.items() if o == "ran") or "none"
+                "posttrain.stages_ran",
+                ",".join(s for s, o in outcomes.items() if o == "ran" and s != "promote") or "none",
             )
             mlflow.end_run(status=status)
     summary = ", ".join(f"{s}: {o}" for s, o in outcomes.items())

@@ -94,7 +94,7 @@ examples:
 def _quiet_known_noise() -> None:
     """Keep the CLI's stderr to what the user needs.
 
-    bitsandbytes warns about an optional CPU kernel on import (harmless, see INSTALL-NOTES);
+    bitsandbytes warns about an optional CPU kernel on import (harmless: no CPU kernel is used);
     pymilvus logs every failed RPC with a traceback, which the store already turns into one
     error line.
     """

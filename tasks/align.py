@@ -26,7 +26,9 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     prefs = require_dir(params.paths.preferences, "preference pairs")
     train, held_out = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
     with atomic_dir(params.paths.aligned_model) as tmp:
-        history = TRAINERS[cfg.method](cfg, policy, train, held_out, tmp, tracker, tmp / "_work")
+        history = TRAINERS[cfg.method](
+            cfg, policy, train, held_out, tmp, tracker, tmp / "_work", params.compute
+        )
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
         metrics: dict[str, Any] = {"method": cfg.method, "n_train": len(train), "n_eval": len(held_out)}

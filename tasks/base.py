@@ -31,7 +31,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         model, tokenizer = build_base(cfg, corpus)
         history: list[dict[str, float]] = []
         if cfg.model == "tiny" and cfg.pretrain_epochs:
-            history = pretrain(model, tokenizer, corpus, cfg, tracker, tmp / "_work")
+            history = pretrain(model, tokenizer, corpus, cfg, tracker, tmp / "_work", params.compute)
         save_model(model, tokenizer, tmp)
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         losses = [h["loss"] for h in history if "loss" in h]

@@ -1,7 +1,8 @@
 """Stage ``compress``: merge the aligned adapter into full-precision weights, then quantize.
 
 Output layout (``paths.compressed_model``): ``merged/`` (the full-precision merged model in
-transformers format, registered in MLflow as ``tracking.registered_model``) and, beside it,
+transformers format, which ``tasks/promote.py`` registers in MLflow as
+``tracking.registered_model``) and, beside it,
 ``model.int8.safetensors`` + ``config.json`` + tokenizer (the quantized model).
 """
 
@@ -67,8 +68,6 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
             inputs={"aligned_model": aligned},
         )
-    if params.tracking.log_models:
-        tracker.log_model(out / "merged", name="policy", registered_name=params.tracking.registered_model)
     return metrics
 
 

@@ -1,10 +1,14 @@
-"""Stage ``evaluate``: one held-out suite on base, sft, aligned and compressed models, then the gate.
+"""Stage ``evaluate``: one held-out suite on base, sft, aligned and the candidate (compressed).
 
 Writes ``metrics/evaluate.json`` (``{"base": {...}, "sft": ..., "aligned": ..., "compressed": ...}``
-plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft`` and the promotion decision),
-``plots/evaluate_accuracy.csv`` and every greedy answer (``paths.evaluation``/answers.json).
-When the gate passes, the registered policy gets the ``evaluate.promotion_alias`` alias in the
-MLflow registry.
+plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft``, the suite's fingerprint and the
+candidate-vs-SFT half of the gate), ``plots/evaluate_accuracy.csv`` and every greedy answer
+(``paths.evaluation``/answers.json). The candidate is what would be deployed: the compressed
+model, which is the merged model when ``compress.quantization: none``.
+
+The champion half of the gate is not decided here: the champion lives in the MLflow registry,
+outside the lineage, and a stage whose output depended on it could not be reproduced from
+``dvc.lock``. ``tasks/promote.py`` reads this stage's output after every run.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from components.artifacts import atomic_dir, describe_output
 from components.compression.quantize import load_compressed, mean_token_kl
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
-from components.evaluation.suite import answer_sequences, evaluate_policy, promotion_decision
+from components.evaluation.gate import promotion_decision, suite_fingerprint
+from components.evaluation.suite import answer_sequences, evaluate_policy
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
 from components.peft.adapters import load_policy
@@ -32,6 +37,7 @@ MODEL_DIRS = {
     "compressed": "compressed_model",
     "reward_model": "reward_model",
 }
+CANDIDATE = "compressed"
 
 
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
@@ -42,7 +48,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         "base": lambda: load_policy(paths.base_model),
         "sft": lambda: load_policy(paths.sft_model),
         "aligned": lambda: load_policy(paths.aligned_model),
-        "compressed": lambda: load_compressed(require_dir(paths.compressed_model, "compressed model")),
+        CANDIDATE: lambda: load_compressed(require_dir(paths.compressed_model, "compressed model")),
     }
     results: dict[str, Any] = {}
     answers: dict[str, list[dict[str, str]]] = {}
@@ -58,9 +64,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     results["reward_model_pairwise_accuracy"] = pairwise_accuracy(
         load_reward_model(rm_dir), load_tokenizer(rm_dir), pairs
     )
-    promote, reason = promotion_decision(results, cfg.promotion_max_accuracy_drop)
-    results["promoted"] = promote
-    results["promotion_reason"] = reason
+    passed, reason = promotion_decision(
+        cfg.promotion_metric, results[CANDIDATE], results["sft"], None, cfg.promotion_max_accuracy_drop
+    )
+    results["candidate"] = CANDIDATE
+    results["suite_sha256"] = suite_fingerprint(records, cfg)
+    results["candidate_vs_sft"] = {"passed": passed, "reason": reason, "metric": cfg.promotion_metric}
     plots = Path(paths.plots) / "evaluate_accuracy.csv"
     plots.parent.mkdir(parents=True, exist_ok=True)
     rows = ["model,accuracy,sampled_accuracy,reward_mean"] + [
@@ -79,17 +88,8 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             inputs={m: getattr(paths, d) for m, d in MODEL_DIRS.items()},
         )
     tracker.log_artifact(Path(paths.evaluation) / "answers.json", artifact_path="evaluation")
-    tracker.set_tags({"posttrain.promoted": str(promote).lower(), "posttrain.promotion_reason": reason})
-    if promote and params.tracking.log_models:
-        from tasks.tracking import set_registry_alias
-
-        set_registry_alias(params.tracking, cfg.promotion_alias)
-    print(
-        json.dumps({m: round(results[m]["accuracy"], 3) for m in loaders}),
-        "promoted:",
-        promote,
-        f"({reason})",
-    )
+    tracker.set_tags({"posttrain.candidate_vs_sft": str(passed).lower()})
+    print(json.dumps({m: round(results[m]["accuracy"], 3) for m in loaders}), f"candidate vs sft: {reason}")
     return results
 
 

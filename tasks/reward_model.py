@@ -9,6 +9,7 @@ from typing import Any
 from components.artifacts import atomic_dir, describe_output
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
+from components.distributed import is_main_process
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
 from components.tracking import Tracker
@@ -23,8 +24,13 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     prefs = require_dir(params.paths.preferences, "preference pairs")
     train, held_out = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
     with atomic_dir(params.paths.reward_model) as tmp:
-        history = train_reward_model(cfg, policy, train, held_out, tmp, tracker, tmp / "_work")
+        history = train_reward_model(
+            cfg, policy, train, held_out, tmp, tracker, tmp / "_work", params.compute
+        )
         shutil.rmtree(tmp / "_work", ignore_errors=True)
+        # A DDP worker's part ends with training: transformers saves weights on rank 0 only.
+        if not is_main_process():
+            return {}
         model, tokenizer = load_reward_model(tmp), load_tokenizer(tmp)
         metrics: dict[str, Any] = {
             "pairwise_accuracy": pairwise_accuracy(model, tokenizer, held_out),

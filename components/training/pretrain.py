@@ -17,7 +17,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from components.params import BaseConfig
+from components.params import BaseConfig, ComputeConfig
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
@@ -38,6 +38,7 @@ def pretrain(
     cfg: BaseConfig,
     tracker: Tracker,
     work_dir: Path,
+    compute: ComputeConfig | None = None,
 ) -> list[dict[str, float]]:
     """Causal-LM pretraining with the transformers ``Trainer``; returns the logged loss history."""
     from datasets import Dataset
@@ -52,6 +53,7 @@ def pretrain(
         batch_size=cfg.pretrain_batch_size,
         n_examples=len(blocks),
         has_eval=False,
+        compute=compute,
     )
     args = TrainingArguments(**common, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0)
     callback = TrackerCallback(tracker, prefix="pretrain/")

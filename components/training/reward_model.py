@@ -19,7 +19,7 @@ from trl import RewardConfig, RewardTrainer
 from components.data.preferences import trl_columns
 from components.errors import DataError
 from components.models.loading import load_tokenizer, save_model
-from components.params import RewardModelConfig
+from components.params import ComputeConfig, RewardModelConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
@@ -77,6 +77,7 @@ def train_reward_model(
     out_dir: Path,
     tracker: Tracker,
     work_dir: Path,
+    compute: ComputeConfig | None = None,
 ) -> list[dict[str, float]]:
     """Train the RM from the (merged) SFT policy and save it to ``out_dir``."""
     if len(train_pairs) < 2:
@@ -91,6 +92,7 @@ def train_reward_model(
         batch_size=cfg.batch_size,
         n_examples=len(train_pairs),
         has_eval=bool(eval_pairs),
+        compute=compute,
     )  # seeds before the reward head is initialised
     with tempfile.TemporaryDirectory(dir=work_dir.parent if work_dir.parent.exists() else None) as merged:
         save_model(load_policy(policy_dir), tokenizer, merged)

@@ -11,7 +11,7 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from components.models.loading import load_tokenizer
-from components.params import SFTConfig
+from components.params import ComputeConfig, SFTConfig
 from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
@@ -29,6 +29,7 @@ def train_sft(
     out_dir: Path,
     tracker: Tracker,
     work_dir: Path,
+    compute: ComputeConfig | None = None,
 ) -> list[dict[str, float]]:
     """Train and save the SFT policy (a LoRA adapter over ``base_dir``, or full weights)."""
     tokenizer = load_tokenizer(base_dir)
@@ -41,6 +42,7 @@ def train_sft(
         batch_size=cfg.batch_size,
         n_examples=len(train_records),
         has_eval=bool(eval_records),
+        compute=compute,
     )
     args = TRLSFTConfig(
         **common,

@@ -56,7 +56,7 @@ def test_stage_builds_index_atomically_and_reports(project):
     assert "not a valid PDF" in metrics["skipped"][0]["reason"]
 
     out = project / "out" / "rag"
-    assert {"config.yaml", "manifest.json", "metrics.json", "skipped.json", "milvus.db"} <= {
+    assert {"config.yaml", "manifest.json", "metrics.json", "skipped.json", "milvus.db"} == {
         p.name for p in out.iterdir()
     }
     assert _leftovers(out.parent) == []

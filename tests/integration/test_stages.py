@@ -1,13 +1,19 @@
-"""Each training stage on the tiny config, in DAG order, with real TRL/PEFT training.
+"""Each stage on the tiny config, in DAG order, with real TRL/PEFT training.
 
 One module-scoped project is threaded through the stages (each test needs its upstream
-outputs); every test asserts the stage actually did its job, not merely that it ran.
+outputs). Every test pins what its stage produced: the metrics (``golden_values.py``, tight
+tolerances, as torchtune's recipe tests do), the exact set of files in its output directory,
+and, for every training stage, that each trainable tensor moved and each frozen one did not
+(TRL's trainer tests), read from the trainer itself and from what was saved.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +22,7 @@ from safetensors.torch import load_file
 from components.params import load_params
 from components.tracking import RecordingTracker
 from tests.conftest import make_project
+from tests.integration import golden_values as golden
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +44,147 @@ def run_stage(name: str) -> tuple[dict, RecordingTracker]:
 
 
 def no_temp_dirs(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if ".tmp-" in p.name]
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_base_builds_a_pretrained_tiny_llama(project: Path) -> None:
+def output_files(out: Path) -> set[str]:
+    """Relative paths of every file under ``out`` (directories implied)."""
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def assert_golden(actual: dict[str, Any], expected: dict[str, Any], *, exact_keys: bool = True) -> None:
+    """``actual`` matches the pinned figures: floats to ``golden.REL``, everything else exactly."""
+
+    def compare(got: Any, want: Any, where: str) -> None:
+        if isinstance(want, dict):
+            assert isinstance(got, dict), f"{where}: {got!r}"
+            keys = set(want)
+            if exact_keys:
+                assert set(got) == keys, f"{where}: keys {sorted(got)} != pinned {sorted(keys)}"
+            for key in sorted(keys):
+                compare(got[key], want[key], f"{where}.{key}")
+        elif isinstance(want, float):
+            assert got == pytest.approx(want, rel=golden.REL), f"{where}: {got!r} != pinned {want!r}"
+        else:
+            assert got == want and type(got) is type(want), f"{where}: {got!r} != pinned {want!r}"
+
+    try:
+        compare(actual, expected, "metrics")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nfull metrics now: {json.dumps(actual, sort_keys=True)}") from None
+
+
+# ---------------------------------------------------------------------- what training moved
+
+
+@dataclass
+class TrainingRun:
+    """A trainer's parameters just before ``train()`` and just after, and which were trainable."""
+
+    before: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
+    trainable: set[str]
+
+    def check(self, is_trainable: Callable[[str], bool]) -> None:
+        """Exactly the expected tensors were trainable; each of them moved; no frozen one did."""
+        expected = {n for n in self.before if is_trainable(n)}
+        assert expected, "no trainable tensor at all"
+        assert self.trainable == expected, sorted(self.trainable ^ expected)
+        unmoved = [n for n in sorted(self.trainable) if torch.equal(self.before[n], self.after[n])]
+        assert not unmoved, f"trainable but never updated: {unmoved}"
+        frozen = set(self.before) - self.trainable
+        moved = [n for n in sorted(frozen) if not torch.equal(self.before[n], self.after[n])]
+        assert not moved, f"frozen but changed: {moved}"
+
+
+@pytest.fixture
+def trainer_runs(monkeypatch: pytest.MonkeyPatch) -> list[TrainingRun]:
+    """Spy on ``transformers.Trainer.train`` (TRL's trainers inherit it): no extra training."""
+    from transformers import Trainer
+
+    runs: list[TrainingRun] = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):  # noqa: ANN001, ANN202 - the Trainer's signature
+        params = dict(self.model.named_parameters())
+        before = {n: p.detach().clone() for n, p in params.items()}
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        result = original(self, *args, **kwargs)
+        after = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        runs.append(TrainingRun(before, after, trainable))
+        return result
+
+    monkeypatch.setattr(Trainer, "train", train)
+    return runs
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """LoRA matrices and the full copies of ``modules_to_save`` (embeddings, LM head)."""
+    return any(f".{kind}.default." in name for kind in ("lora_A", "lora_B", "modules_to_save"))
+
+
+def check_lora_run(run: TrainingRun, n_layers: int, targets: list[str], modules_to_save: list[str]) -> None:
+    run.check(is_adapter_tensor)
+    lora = [n for n in run.trainable if ".lora_" in n]
+    assert len(lora) == 2 * n_layers * len(targets), sorted(lora)
+    copies = [n for n in run.trainable if ".modules_to_save." in n]
+    assert sorted(n.split(".")[-4] for n in copies) == sorted(modules_to_save), copies
+    for name in run.trainable:  # PEFT's init: B = 0 (the adapter starts as a no-op), A random
+        if ".lora_B." in name:
+            assert not run.before[name].any(), name
+        elif ".lora_A." in name:
+            assert run.before[name].any(), name
+        else:  # a trained copy starts as the module it replaces
+            original = name.replace(".modules_to_save.default.", ".original_module.")
+            assert torch.equal(run.before[name], run.before[original]), name
+
+
+def check_saved_adapter(run: TrainingRun, adapter_dir: Path, base_model: torch.nn.Module) -> torch.nn.Module:
+    """The adapter on disk, loaded unmerged over ``base_model``, is exactly the trained model."""
+    from peft import PeftModel
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert len(saved) == len(run.trainable), "every trainable tensor is saved, nothing else"
+    loaded = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    params = dict(loaded.named_parameters())
+    assert set(params) == set(run.after)
+    for name, tensor in params.items():
+        # frozen: the base's weights, untouched; trainable: what training left
+        assert torch.equal(tensor, run.after[name]), name
+    return loaded
+
+
+def check_frozen_are(loaded: torch.nn.Module, run: TrainingRun, weights: dict[str, torch.Tensor]) -> None:
+    """The frozen tensors of the adapted model are, one for one, exactly ``weights`` (its base)."""
+    frozen = {}
+    for name, tensor in loaded.named_parameters():
+        if name not in run.trainable:
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            frozen[key.replace(".original_module.", ".")] = tensor
+    assert frozen.keys() == weights.keys()
+    for key, tensor in frozen.items():
+        assert torch.equal(tensor, weights[key]), key
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def test_base_builds_a_pretrained_tiny_llama(project: Path, trainer_runs: list[TrainingRun]) -> None:
     metrics, tracker = run_stage("base")
     out = project / "models/base"
-    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
-    assert {"config.yaml", "manifest.json", "metrics.json", "tokenizer.json"} <= {
-        p.name for p in out.iterdir()
-    }
-    assert metrics["pretrain_final_loss"] < metrics["pretrain_first_loss"]
-    assert tracker.series("pretrain/loss"), "pretraining loss was not logged with steps"
+    assert output_files(out) == golden.OUTPUT_FILES["models/base"]
+    assert_golden(metrics, golden.BASE)
+    losses = tracker.series("pretrain/loss")
+    assert len(losses) == 21 and losses[0] == metrics["pretrain_first_loss"]
+    assert losses[-1] == metrics["pretrain_final_loss"]
+    # pretraining is a full fine-tune: every tensor trainable, every one moved; what was saved is it
+    (run,) = trainer_runs
+    run.check(lambda name: True)
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved.keys() == run.after.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, run.after[name]), name
+
     from components.models.loading import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(out), load_causal_lm(out)
@@ -85,60 +221,97 @@ def test_base_is_deterministic(project: Path, tmp_path: Path) -> None:
 def test_ingest_writes_disjoint_splits(project: Path) -> None:
     metrics, _ = run_stage("ingest")
     processed = project / "data/processed"
+    assert output_files(processed) == golden.OUTPUT_FILES["data/processed"]
+    assert_golden(metrics, golden.INGEST)
     train = [json.loads(x) for x in (processed / "sft_train.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (processed / "eval_prompts.jsonl").read_text().splitlines()]
-    assert metrics["n_sft_train"] == len(train) == 160
+    assert len(train) == metrics["n_sft_train"] and len(evals) == metrics["n_eval_prompts"]
     held_out = {e["prompt"] for e in evals if e["task"] != "capital"}
     assert not held_out & {r["messages"][0]["content"] for r in train}
 
 
-def test_sft_trains_a_lora_adapter_that_changes_the_model(project: Path) -> None:
+def test_sft_trains_a_lora_adapter_that_changes_the_model(
+    project: Path, trainer_runs: list[TrainingRun]
+) -> None:
     metrics, tracker = run_stage("sft")
     out = project / "models/sft"
-    adapter = load_file(str(out / "adapter_model.safetensors"))
-    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
-    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero: training must move it"
+    assert output_files(out) == golden.OUTPUT_FILES["models/sft"]
+    assert_golden(metrics, golden.SFT)
+    assert tracker.series("sft/loss")[-1] == metrics["final_loss"]
+    assert tracker.series("sft/eval_loss")[-1] == metrics["eval_loss"]
+    assert (project / "plots/sft_loss.csv").read_text().startswith("step,loss")
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "models/base"
     assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"]), "bytes must not vary"
-    assert metrics["final_loss"] < metrics["first_loss"]
-    assert (project / "plots/sft_loss.csv").read_text().startswith("step,loss")
+
+    # Every LoRA matrix and trained embedding/LM-head copy moved; every base weight stayed.
+    params = load_params("params.yaml")
+    (run,) = trainer_runs
+    peft_cfg = params.sft.peft
+    check_lora_run(run, params.base.num_layers, list(peft_cfg.target_modules), list(peft_cfg.modules_to_save))
+    from components.models.loading import load_causal_lm
+
+    base = load_causal_lm(project / "models/base")
+    base_weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    loaded = check_saved_adapter(run, out, base)
+    check_frozen_are(loaded, run, base_weights)  # the frozen weights are models/base's own
+
     from components.evaluation.generate import chat_prompt_ids
-    from components.models.loading import load_causal_lm, load_tokenizer
+    from components.models.loading import load_tokenizer
     from components.peft.adapters import load_policy
 
     ids = torch.tensor([chat_prompt_ids(load_tokenizer(out), ["add 12 and 30"])[0]])
     with torch.no_grad():
-        assert not torch.allclose(
-            load_policy(out)(ids).logits, load_causal_lm(project / "models/base")(ids).logits
-        )
+        merged = load_policy(out)(ids).logits
+        torch.testing.assert_close(merged, loaded(ids).logits, atol=1e-5, rtol=1e-5)  # merge is exact
+        assert not torch.allclose(merged, load_causal_lm(project / "models/base")(ids).logits)
 
 
 def test_preferences_are_graded_pairs_in_trl_format(project: Path) -> None:
     metrics, _ = run_stage("preferences")
+    out = project / "data/preferences"
+    assert output_files(out) == golden.OUTPUT_FILES["data/preferences"]
+    assert_golden(metrics, golden.PREFERENCES)
     from components.data.verifier import verify
 
-    pairs = [json.loads(x) for x in (project / "data/preferences/train.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert (len(pairs), len(held_out)) == (metrics["n_train"], metrics["n_eval"])
     prompts = {
         r["prompt"]: r["answer"]
         for r in map(
             json.loads, (project / "data/processed/preference_prompts.jsonl").read_text().splitlines()
         )
     }
-    assert metrics["n_pairs"] == len(pairs) + metrics["n_eval"] > 0
-    for pair in pairs:
+    for pair in pairs + held_out:
         answer = prompts[pair["prompt"][0]["content"]]
         assert verify(pair["chosen"][0]["content"], answer)
         assert not verify(pair["rejected"][0]["content"], answer)
-    assert metrics["n_pairs"] == metrics["n_pairs_sampled"] + metrics["n_pairs_reference"]
+    assert len({p["prompt"][0]["content"] for p in pairs + held_out}) == metrics["n_pairs"]
 
 
-def test_reward_model_learns_to_rank_pairs(project: Path) -> None:
+def test_reward_model_learns_to_rank_pairs(project: Path, trainer_runs: list[TrainingRun]) -> None:
     metrics, tracker = run_stage("reward_model")
-    assert (project / "models/reward_model/model.safetensors").is_file()
-    assert tracker.series("reward_model/loss")
-    # One epoch on a few dozen pairs: the RM must at least rank its own training pairs better than chance.
-    assert metrics["train_pairwise_accuracy"] > 0.5
+    out = project / "models/reward_model"
+    assert output_files(out) == golden.OUTPUT_FILES["models/reward_model"]
+    assert_golden(metrics, golden.REWARD_MODEL)
+    assert len(tracker.series("reward_model/loss")) == 6
+
+    # A full fine-tune from the merged SFT weights plus a fresh scalar head: every tensor moved.
+    (run,) = trainer_runs
+    run.check(lambda name: True)
+    assert "score.weight" in run.trainable and run.before["score.weight"].shape[0] == 1
+    from components.peft.adapters import load_policy
+
+    sft = {n: p.detach() for n, p in load_policy(project / "models/sft").named_parameters()}
+    backbone = [n for n in run.before if n != "score.weight"]
+    assert set(backbone) == set(sft) - {"lm_head.weight"}
+    for name in backbone:
+        assert torch.equal(run.before[name], sft[name]), f"RM did not start from SFT: {name}"
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved.keys() == run.after.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, run.after[name]), name
 
 
 def test_reward_model_training_is_reproducible(project: Path, tmp_path: Path) -> None:
@@ -161,27 +334,39 @@ def test_reward_model_training_is_reproducible(project: Path, tmp_path: Path) ->
         assert torch.equal(first[name], again[name]), name
 
 
-def test_align_dpo_moves_the_policy_off_sft(project: Path) -> None:
+def test_align_dpo_trains_a_fresh_adapter_over_sft(project: Path, trainer_runs: list[TrainingRun]) -> None:
     metrics, tracker = run_stage("align")
     out = project / "models/aligned"
+    assert output_files(out) == golden.OUTPUT_FILES["models/aligned"]
+    assert_golden(metrics, golden.ALIGN)
+    assert tracker.series("align/loss")[-1] == metrics["loss"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/sft"
-    assert metrics["method"] == "dpo"
-    assert tracker.series("align/loss")
-    from components.compression.quantize import mean_token_kl
-    from components.evaluation.suite import answer_sequences
-    from components.models.loading import load_tokenizer
+
+    params = load_params("params.yaml")
+    (run,) = trainer_runs
+    peft_cfg = params.align.peft
+    check_lora_run(run, params.base.num_layers, list(peft_cfg.target_modules), list(peft_cfg.modules_to_save))
     from components.peft.adapters import load_policy
 
-    records = [
-        json.loads(x) for x in (project / "data/processed/eval_prompts.jsonl").read_text().splitlines()
-    ]
-    seqs = [ids for ids, _ in answer_sequences(load_tokenizer(out), records[:4])]
-    assert mean_token_kl(load_policy(out), load_policy(project / "models/sft"), seqs) > 0
+    sft = load_policy(project / "models/sft")
+    sft_weights = {n: p.detach().clone() for n, p in sft.named_parameters()}
+    loaded = check_saved_adapter(run, out, sft)
+    check_frozen_are(loaded, run, sft_weights)  # the frozen weights are the merged SFT's
+
+    # DPO's reference is the adapter disabled, i.e. exactly SFT; the adapter moves the policy off it.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    reference = load_policy(project / "models/sft")
+    with torch.no_grad():
+        with loaded.disable_adapter():
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=0, rtol=0)
+        assert not torch.allclose(loaded(ids).logits, reference(ids).logits)
 
 
 def test_compress_merges_exactly_and_quantizes_smaller(project: Path) -> None:
     metrics, _ = run_stage("compress")
     out = project / "models/compressed"
+    assert output_files(out) == golden.COMPRESSED_FILES
+    assert_golden(metrics, golden.COMPRESS)
     from peft import PeftModel
 
     from components.models.loading import load_causal_lm
@@ -194,21 +379,27 @@ def test_compress_merges_exactly_and_quantizes_smaller(project: Path) -> None:
         torch.testing.assert_close(
             load_causal_lm(out / "merged")(ids).logits, unmerged(ids).logits, atol=1e-5, rtol=1e-5
         )
-    assert metrics["size_bytes_compressed"] < metrics["size_bytes_full"]
-    assert metrics["compression_ratio"] == pytest.approx(
-        metrics["size_bytes_full"] / metrics["size_bytes_compressed"]
-    )
-    assert 0 < metrics["fidelity_kl"] < 0.1
+    assert metrics["compression_ratio"] == metrics["size_bytes_full"] / metrics["size_bytes_compressed"]
 
 
 def test_evaluate_scores_every_model_on_one_suite(project: Path) -> None:
     results, _ = run_stage("evaluate")
-    for model in ("base", "sft", "aligned", "compressed"):
-        assert set(results[model]) >= {"accuracy", "reward_mean", "perplexity"}
-        assert 0 <= results[model]["accuracy"] <= 1
-    assert results["sft"]["perplexity"] < results["base"]["perplexity"], "SFT must fit the answer format"
-    assert 0 <= results["reward_model_pairwise_accuracy"] <= 1
-    assert results["kl_aligned_vs_sft"] > 0
-    assert isinstance(results["promoted"], bool) and results["promotion_reason"]
-    answers = json.loads((project / "data/evaluation/answers.json").read_text())
-    assert len(answers["sft"]) == 16
+    out = project / "data/evaluation"
+    assert output_files(out) == golden.OUTPUT_FILES["data/evaluation"]
+    # Per-model suite figures only: the promotion/gate fields are not pinned (being redesigned).
+    assert_golden({k: results[k] for k in golden.EVALUATE}, golden.EVALUATE)
+    # The RM is scored on the same held-out pairs as in its own stage.
+    rm_metrics = json.loads((project / "models/reward_model/metrics.json").read_text())
+    assert results["reward_model_pairwise_accuracy"] == rm_metrics["pairwise_accuracy"]
+    answers = json.loads((out / "answers.json").read_text())
+    assert set(answers) == {"base", "sft", "aligned", "compressed"}
+    assert all(len(rows) == load_params("params.yaml").evaluate.n_prompts for rows in answers.values())
+
+
+def test_rag_index_builds_the_pipeline_index(project: Path) -> None:
+    metrics, _ = run_stage("rag_index")
+    out = project / "data/rag"
+    assert {p.name for p in out.iterdir()} == golden.RAG_ENTRIES
+    assert (out / "milvus.db").is_dir()
+    assert_golden(metrics, golden.RAG_INDEX)
+    assert no_temp_dirs(project / "data")

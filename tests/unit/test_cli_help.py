@@ -10,7 +10,7 @@ import pytest
 from flows.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "status", "serve", "rag", "validate")
+COMMANDS = ("run", "status", "serve", "rag", "validate", "promote", "models")
 
 
 def _exit_code(argv: list[str]) -> int:

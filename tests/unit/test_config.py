@@ -304,3 +304,90 @@ def test_flatten_uses_dotted_keys_and_round_trips():
 def test_flatten_small_mapping():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": 3}) == {"a.b": 1, "a.c.d": [2], "e": 3}
     assert flatten({"a": {"b": 1}}, "p.") == {"p.a.b": 1}
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _compute(**kwargs: Any):
+    return parse_params({"compute": kwargs}).compute
+
+
+def test_compute_defaults_resolve_to_cpu_fp32_without_cuda():
+    from components.distributed import resolve_compute
+
+    assert resolve_compute(Params().compute, cuda_available=False) == ("cpu", "fp32")
+
+
+def test_trainer_args_make_precision_explicit_on_cpu():
+    # TRL's SFT/DPO/Reward configs default to bf16=True: left out, CPU training would be bf16 autocast
+    from pathlib import Path
+
+    from components.training.callbacks import trainer_args
+
+    args = trainer_args(
+        Path("w"), seed=0, learning_rate=1e-3, epochs=1, batch_size=2, n_examples=4, has_eval=False
+    )
+    assert (args["use_cpu"], args["bf16"], args["fp16"]) == (True, False, False)
+
+
+def test_compute_auto_on_this_machine_follows_torch():
+    import torch
+
+    from components.distributed import resolve_compute
+
+    device, precision = resolve_compute(Params().compute)
+    if torch.cuda.is_available():
+        assert device == "cuda"
+        assert precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    else:
+        assert (device, precision) == ("cpu", "fp32")
+
+
+@pytest.mark.parametrize(
+    ("settings", "cuda", "bf16", "expected"),
+    [
+        ({}, True, True, ("cuda", "bf16")),
+        ({}, True, False, ("cuda", "fp32")),
+        ({"device": "cpu"}, True, True, ("cpu", "fp32")),  # auto precision on CPU
+        ({"precision": "fp32"}, False, None, ("cpu", "fp32")),
+        ({"device": "cuda", "precision": "fp16"}, True, True, ("cuda", "fp16")),
+        ({"device": "cuda", "precision": "fp32"}, True, True, ("cuda", "fp32")),
+        ({"precision": "bf16"}, False, None, ("cpu", "bf16")),  # CPU autocast; weights stay fp32
+    ],
+)
+def test_compute_resolution(settings, cuda, bf16, expected):
+    from components.distributed import resolve_compute
+
+    assert resolve_compute(_compute(**settings), cuda_available=cuda, bf16_supported=bf16) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "cuda", "bf16", "pattern"),
+    [
+        ({"device": "cuda"}, False, None, r"^compute\.device: 'cuda'.*is_available"),
+        ({"precision": "fp16"}, False, None, r"^compute\.precision: 'fp16'.*cuda"),
+        ({"device": "cpu", "precision": "fp16"}, True, True, r"^compute\.precision: 'fp16'"),
+        ({"device": "cuda", "precision": "bf16"}, True, False, r"^compute\.precision: 'bf16'.*bf16"),
+    ],
+)
+def test_impossible_compute_combinations_name_the_key(settings, cuda, bf16, pattern):
+    from components.distributed import resolve_compute
+
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_compute(_compute(**settings), cuda_available=cuda, bf16_supported=bf16)
+
+
+@pytest.mark.parametrize(
+    ("section", "pattern"),
+    [
+        ({"device": "gpu"}, r"^compute\.device: expected one of \['auto', 'cpu', 'cuda'\], got 'gpu'"),
+        ({"precision": "fp8"}, r"^compute\.precision: expected one of .*'fp8'"),
+        ({"processes": 0}, r"^compute\.processes: expected an int >= 1, got 0"),
+        ({"processes": "2"}, r"^compute\.processes: expected int, got str"),
+        ({"nodes": 2}, r"^compute\.nodes: unknown key"),
+    ],
+)
+def test_bad_compute_values_name_the_key(section, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_params({"compute": section})

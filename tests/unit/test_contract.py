@@ -99,11 +99,25 @@ def test_query_time_keys_are_real_but_not_stage_dependencies(stages, shipped):
 
 
 def test_every_stage_section_is_a_dvc_stage(stages):
-    expected = set(SECTIONS) - {"paths", "tracking"}
+    expected = set(SECTIONS) - {"paths", "tracking", "compute"}  # shared sections, not stages
     assert expected <= set(stages), f"sections without a dvc stage: {sorted(expected - set(stages))}"
     assert set(stages) <= set(SECTIONS), (
         f"stages without a params section: {sorted(set(stages) - set(SECTIONS))}"
     )
+
+
+def test_compute_keys_are_params_of_exactly_the_training_stages(stages, shipped):
+    from components.distributed import TRAINING_STAGES
+
+    compute_keys = set(flatten(shipped["compute"], "compute."))
+    assert compute_keys == {"compute.device", "compute.precision", "compute.processes"}
+    assert TRAINING_STAGES <= set(stages)
+    for name, stage in stages.items():
+        listed = compute_keys & _stage_params(stage)
+        if name in TRAINING_STAGES:  # device, precision and process count change the trained weights
+            assert listed == compute_keys, f"{name} misses {sorted(compute_keys - listed)}"
+        else:  # the other stages ignore the section: editing it must not re-run them
+            assert not listed, f"{name} depends on {sorted(listed)}"
 
 
 # (4) ------------------------------------------------------------------ outs and metrics

@@ -17,7 +17,7 @@ from components.data.jsonl import (
     read_jsonl,
     write_jsonl,
 )
-from components.errors import DataError, MissingInputError, PosttrainError
+from components.errors import DataError, MissingInputError
 
 
 def _jsonl(tmp_path: Path, lines: list[object], name: str = "data.jsonl") -> Path:
@@ -36,10 +36,6 @@ def _assistant(text: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- raw JSONL
-
-
-def test_errors_are_user_errors():
-    assert issubclass(DataError, PosttrainError) and issubclass(MissingInputError, PosttrainError)
 
 
 def test_iter_jsonl_yields_objects_with_their_file_line_numbers(tmp_path):

@@ -51,7 +51,6 @@ def test_spacy_model_loads_offline():
 @pytest.mark.parametrize("name", sorted(EXPECTED_TEXT))
 def test_each_format_yields_elements_with_expected_text(name):
     elements = partition_file(str(DOCS / name))
-    assert len(elements) > 0
     phrase = " ".join(EXPECTED_TEXT[name].split())
     assert phrase in " ".join(_joined(elements).split())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from components.config import ConfigError
-from components.data.verifier import TASKS, Example, TaskWorld, make_example, reward, sample_examples, verify
+from components.data.verifier import TASKS, TaskWorld, make_example, reward, sample_examples, verify
 from components.errors import DataError, MissingInputError
 from components.params import IngestConfig
 from tasks.ingest import build_splits
@@ -114,7 +114,7 @@ def test_make_example_answers_are_correct(task, world, capitals):
     rng = random.Random(123)
     for _ in range(200):
         ex = make_example(task, rng, world)
-        assert isinstance(ex, Example) and ex.task == task
+        assert ex.task == task
         assert solve(ex.prompt, capitals) == (task, ex.answer)
         assert verify(ex.answer, ex.answer) and reward(ex.answer, ex.answer) == 1.0
 

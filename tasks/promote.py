@@ -1,0 +1,203 @@
+"""Champion/challenger: register this lineage's candidate, and move the alias only when it earns it.
+
+Not a DVC stage, on purpose: the champion lives in the MLflow registry, outside the lineage, so
+a stage whose output depended on it could never be reproduced from ``dvc.lock``. Instead this
+step runs after every ``posttrain run`` (and as ``posttrain promote`` after a plain ``dvc
+repro``) and makes the registry match the lineage, whatever DVC did: ran, skipped, or restored
+``evaluate`` from its run cache.
+
+1. The candidate is identified by content: the hash of ``paths.compressed_model`` that the
+   ``evaluate`` output recorded in its manifest (a stale evaluation is refused).
+2. A candidate is registered once: the version tagged with that hash is reused, otherwise the
+   merged policy is logged in a new run and the version is found by that run's id, never as
+   "the newest". Versions carry the ``dvc.lock`` hash, the git commit, the suite fingerprint and
+   the key held-out metrics as tags.
+3. The champion's scores come from its tags when the suite is unchanged; otherwise the
+   champion is re-scored from the registry on today's suite.
+4. :func:`components.evaluation.gate.promotion_decision` decides; only a pass moves the alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.artifacts import code_version, hash_path
+from components.data.jsonl import read_jsonl
+from components.errors import MissingInputError, PosttrainError
+from components.evaluation.gate import GATE_METRICS, promotion_decision
+from components.params import Params, load_params
+
+TAG = "posttrain."
+CANDIDATE_TAG = TAG + "candidate_sha256"
+SUITE_TAG = TAG + "suite_sha256"
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: {what} not found (run the pipeline first: `posttrain run`)")
+    return json.loads(path.read_text())
+
+
+def evaluated_candidate(params: Params) -> tuple[str, dict[str, Any]]:
+    """(candidate hash, evaluate's metrics), refusing an evaluation of a different candidate."""
+    evaluation = Path(params.paths.evaluation)
+    results = _read_json(evaluation / "metrics.json", "evaluation")
+    recorded = _read_json(evaluation / "manifest.json", "evaluation manifest")["inputs"].get("compressed")
+    current = (
+        hash_path(params.paths.compressed_model) if Path(params.paths.compressed_model).exists() else None
+    )
+    if recorded is None or recorded != current:
+        raise PosttrainError(
+            f"{evaluation}: evaluates a different candidate than {params.paths.compressed_model} "
+            "(run `posttrain run` so evaluate is up to date)"
+        )
+    return recorded, results
+
+
+def metric_tags(prefix: str, metrics: dict[str, Any]) -> dict[str, str]:
+    return {
+        f"{TAG}{prefix}{k}": repr(float(metrics[k])) for k in (*GATE_METRICS, "perplexity") if k in metrics
+    }
+
+
+def tagged_metrics(tags: dict[str, str], prefix: str) -> dict[str, float] | None:
+    found = {k: float(tags[f"{TAG}{prefix}{k}"]) for k in GATE_METRICS if f"{TAG}{prefix}{k}" in tags}
+    return found if len(found) == len(GATE_METRICS) else None
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
+
+
+def register_candidate(params: Params, client: Any, key: str, results: dict[str, Any], tracker: Any) -> Any:
+    """The registry version of this candidate: found by its hash tag, else registered by this run."""
+    import mlflow
+
+    name = params.tracking.registered_model
+    for version in _versions(client, name):
+        if version.tags.get(CANDIDATE_TAG) == key:
+            return version
+    merged = Path(params.paths.compressed_model) / "merged"
+    tracker.log_model(merged, name="policy", registered_name=name)
+    run_id = mlflow.active_run().info.run_id
+    mine = list(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"))
+    if len(mine) != 1:
+        raise PosttrainError(f"registry: expected one version of {name} from run {run_id}, found {len(mine)}")
+    version = mine[0]
+    lock = Path("dvc.lock")
+    tags = {
+        CANDIDATE_TAG: key,
+        SUITE_TAG: results["suite_sha256"],
+        TAG + "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
+        TAG + "git_commit": code_version(),
+        **metric_tags("metric.", results[results["candidate"]]),
+        **metric_tags("sft.", results["sft"]),
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version.version, k, v)
+    return client.get_model_version(name, version.version)
+
+
+def rescore(params: Params, version: Any) -> dict[str, Any]:
+    """Score a registered version on today's suite (its registered, full-precision weights)."""
+    import mlflow
+
+    from components.evaluation.suite import evaluate_policy
+
+    cfg = params.evaluate
+    parts = mlflow.transformers.load_model(
+        f"models:/{params.tracking.registered_model}/{version.version}", return_type="components"
+    )
+    records = read_jsonl(Path(params.paths.processed) / "eval_prompts.jsonl")[: cfg.n_prompts]
+    metrics, _ = evaluate_policy(parts["model"].float().eval(), parts["tokenizer"], records, cfg)
+    return metrics
+
+
+def promote(params: Params, tracker: Any) -> dict[str, Any]:
+    """Register the candidate, compare it with SFT and the champion, move the alias on a pass."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    cfg, name = params.evaluate, params.tracking.registered_model
+    key, results = evaluated_candidate(params)
+    client = MlflowClient()
+    version = register_candidate(params, client, key, results, tracker)
+    try:
+        champion = client.get_model_version_by_alias(name, cfg.promotion_alias)
+    except MlflowException:
+        champion = None
+    candidate_metrics = results[results["candidate"]]
+    champion_metrics, source = None, "none"
+    if champion is not None and champion.version == version.version:
+        promote_it, reason, source = (
+            True,
+            f"version {version.version} already holds @{cfg.promotion_alias}",
+            "self",
+        )
+    else:
+        if champion is not None:
+            stored = tagged_metrics(champion.tags, "metric.")
+            if champion.tags.get(SUITE_TAG) == results["suite_sha256"] and stored is not None:
+                champion_metrics, source = stored, "stored"
+            else:
+                champion_metrics, source = rescore(params, champion), "rescored"
+        promote_it, reason = promotion_decision(
+            cfg.promotion_metric,
+            candidate_metrics,
+            results["sft"],
+            champion_metrics,
+            cfg.promotion_max_accuracy_drop,
+        )
+        if promote_it:
+            client.set_registered_model_alias(name, cfg.promotion_alias, version.version)
+        client.set_model_version_tag(name, version.version, TAG + "promoted", str(promote_it).lower())
+        client.set_model_version_tag(name, version.version, TAG + "gate_reason", reason)
+    decision = {
+        "promoted": promote_it,
+        "reason": reason,
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "champion_before": None if champion is None else str(champion.version),
+        "champion_metrics_source": source,
+        "metric": cfg.promotion_metric,
+        "candidate": {k: candidate_metrics[k] for k in GATE_METRICS},
+        "sft": {k: results["sft"][k] for k in GATE_METRICS},
+        "champion": champion_metrics,
+    }
+    tracker.set_tags({TAG + "promoted": str(promote_it).lower(), TAG + "gate_reason": reason})
+    if champion_metrics is not None:
+        tracker.log_metrics({f"champion.{k}": v for k, v in champion_metrics.items() if k in GATE_METRICS})
+    return decision
+
+
+def main() -> None:
+    """``python -m tasks.promote``: one MLflow run (nested under the flow's), one line of outcome."""
+    from tasks.tracking import stage_run
+
+    try:
+        params = load_params("params.yaml")
+        if not params.tracking.log_models:
+            print("posttrain promote: skipped (tracking.log_models is false: nothing is registered)")
+            return
+        with stage_run("promote", params.tracking) as tracker:
+            decision = promote(params, tracker)
+    except PosttrainError as exc:
+        print(f"posttrain promote: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    verdict = "promoted" if decision["promoted"] else "not promoted"
+    alias = params.evaluate.promotion_alias
+    print(f"posttrain promote: version {decision['version']} {verdict} to @{alias}: {decision['reason']}")
+    print(json.dumps(decision, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
