@@ -7,38 +7,94 @@ contract test can validate a params file in milliseconds. Defaults here equal th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from components.config import ConfigError, build, read_params
+from components.config import ConfigError, NonEmpty, OneOf, Pattern, Range, collect, read_params
+
+# Copies, not imports, of components.data.verifier.TASKS and components.rag.chunking's
+# MAX_CHUNK_CHARACTERS: every stage imports this module, and dvc.yaml lists each stage's imports as
+# its deps (tests/unit/test_lineage.py). tests/unit/test_config.py asserts the copies stay equal.
+TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
+MAX_CHUNK_CHARACTERS = 16_000
+
+# Value types with their ranges; the loader (components.config.build) checks them and names the key.
+Count = Annotated[int, Range(ge=1)]  # a size or a number of things that must be at least one
+NonNegativeInt = Annotated[int, Range(ge=0)]
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's seed range (transformers.set_seed seeds numpy)
+LearningRate = Annotated[float, Range(ge=0)]  # 0 is allowed: a stage that leaves the weights as they are
+Positive = Annotated[float, Range(gt=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+Text = Annotated[str, NonEmpty()]  # a path, URI or name that must not be blank
+
+# transformers' SchedulerType values that need no ``lr_scheduler_kwargs`` (which sft does not expose):
+# cosine_with_min_lr, cosine_warmup_with_min_lr and warmup_stable_decay fail without them.
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "greedy",
+)
+# The loss types TRL 1.16's DPOTrainer accepts (trl/trainer/dpo_config.py, ``loss_type``).
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 
 @dataclass(frozen=True)
 class PathsConfig:
     """Where stages write; ``dvc.yaml``'s ``outs`` use the same paths (contract-tested)."""
 
-    base_model: str = "models/base"
-    processed: str = "data/processed"
-    sft_model: str = "models/sft"
-    preferences: str = "data/preferences"
-    reward_model: str = "models/reward_model"
-    aligned_model: str = "models/aligned"
-    compressed_model: str = "models/compressed"
-    evaluation: str = "data/evaluation"
-    rag: str = "data/rag"
-    metrics: str = "metrics"
-    plots: str = "plots"
+    base_model: Text = "models/base"
+    processed: Text = "data/processed"
+    sft_model: Text = "models/sft"
+    preferences: Text = "data/preferences"
+    reward_model: Text = "models/reward_model"
+    aligned_model: Text = "models/aligned"
+    compressed_model: Text = "models/compressed"
+    evaluation: Text = "data/evaluation"
+    rag: Text = "data/rag"
+    metrics: Text = "metrics"
+    plots: Text = "plots"
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        seen: dict[str, str] = {}
+        for f in fields(self):
+            path = Path(getattr(self, f.name)).as_posix()
+            if path in seen:
+                yield f.name, f"must differ from paths.{seen[path]} (both are {path!r})"
+            seen.setdefault(path, f.name)
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: an sqlite file and a repo-local artifact root by default, a server URI when outgrown."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_root: str = "mlartifacts"
-    experiment: str = "posttrain"
-    registered_model: str = "posttrain-policy"
+    tracking_uri: Text = "sqlite:///mlflow.db"
+    artifact_root: Text = "mlartifacts"
+    experiment: Text = "posttrain"
+    registered_model: Text = "posttrain-policy"
     log_models: bool = True
 
 
@@ -66,19 +122,34 @@ class ComputeConfig:
 class BaseConfig:
     """``model: tiny`` builds a tokenizer and a small Llama locally; anything else is a Hub id or path."""
 
-    model: str = "tiny"
-    corpus: str = "data/corpus/pretrain.txt"
-    seed: int = 0
-    vocab_size: int = 320
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    max_position_embeddings: int = 128
-    pretrain_epochs: int = 2
-    pretrain_learning_rate: float = 3e-3
-    pretrain_batch_size: int = 32
-    pretrain_block_size: int = 64
+    model: Text = "tiny"
+    corpus: Text = "data/corpus/pretrain.txt"
+    seed: Seed = 0
+    vocab_size: Count = 320
+    hidden_size: Count = 128
+    intermediate_size: Count = 384
+    num_layers: Count = 4
+    num_heads: Count = 4
+    max_position_embeddings: Count = 128
+    pretrain_epochs: Count = 2
+    pretrain_learning_rate: LearningRate = 3e-3
+    pretrain_batch_size: Count = 32
+    pretrain_block_size: Count = 64
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.model != "tiny":  # a Hub model or local path brings its own architecture
+            return
+        if self.hidden_size % self.num_heads:
+            yield "num_heads", f"must divide hidden_size ({self.hidden_size}), got {self.num_heads}"
+        elif (self.hidden_size // self.num_heads) % 2:
+            head_dim = self.hidden_size // self.num_heads
+            yield "num_heads", f"hidden_size / num_heads must be even for rotary embeddings, got {head_dim}"
+        if self.pretrain_block_size > self.max_position_embeddings:
+            yield (
+                "pretrain_block_size",
+                f"must be <= max_position_embeddings ({self.max_position_embeddings}), "
+                f"got {self.pretrain_block_size}",
+            )
 
 
 @dataclass(frozen=True)
@@ -87,13 +158,18 @@ class IngestConfig:
 
     sft_data: str = ""
     preference_data: str = ""
-    facts: str = "data/tasks/facts.csv"
-    tasks: tuple[str, ...] = ("add", "reverse", "upper", "capital")
-    seed: int = 0
-    n_sft_train: int = 6000
-    n_sft_eval: int = 200
-    n_preference_prompts: int = 1000
-    n_eval_prompts: int = 200
+    facts: Text = "data/tasks/facts.csv"
+    tasks: Annotated[tuple[Annotated[str, OneOf(TASKS)], ...], NonEmpty()] = (
+        "add",
+        "reverse",
+        "upper",
+        "capital",
+    )
+    seed: Seed = 0
+    n_sft_train: Count = 6000
+    n_sft_eval: Count = 200
+    n_preference_prompts: Count = 1000
+    n_eval_prompts: Count = 200
 
 
 @dataclass(frozen=True)
@@ -106,10 +182,10 @@ class PeftConfig:
     """
 
     method: Literal["lora", "none"] = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = (
+    r: Count = 16
+    alpha: Count = 32
+    dropout: Fraction = 0.0
+    target_modules: tuple[Text, ...] = (
         "q_proj",
         "k_proj",
         "v_proj",
@@ -118,20 +194,24 @@ class PeftConfig:
         "up_proj",
         "down_proj",
     )
-    modules_to_save: tuple[str, ...] = ("embed_tokens", "lm_head")
+    modules_to_save: tuple[Text, ...] = ("embed_tokens", "lm_head")
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.method == "lora" and not self.target_modules:
+            yield "target_modules", "must not be empty when method is lora"
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     """TRL ``SFTTrainer`` on chat ``messages`` with assistant-only loss."""
 
-    learning_rate: float = 3e-3
-    epochs: int = 4
-    batch_size: int = 32
-    max_length: int = 64
-    warmup_steps: int = 20
-    lr_scheduler: str = "cosine"
-    seed: int = 0
+    learning_rate: LearningRate = 3e-3
+    epochs: Count = 4
+    batch_size: Count = 32
+    max_length: Count = 64
+    warmup_steps: NonNegativeInt = 20
+    lr_scheduler: Annotated[str, OneOf(LR_SCHEDULERS)] = "cosine"
+    seed: Seed = 0
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
@@ -139,38 +219,56 @@ class SFTConfig:
 class PreferencesConfig:
     """Sample ``k`` completions per prompt from the SFT policy, grade them, keep (right, wrong) pairs."""
 
-    k: int = 8
-    temperature: float = 1.3
-    max_prompts: int = 1000
-    max_new_tokens: int = 12
-    batch_size: int = 64
+    k: Count = 8
+    temperature: Positive = 1.3
+    max_prompts: Count = 1000
+    max_new_tokens: Count = 12
+    batch_size: Count = 64
     reference_as_chosen: bool = True
-    eval_fraction: float = 0.15
-    seed: int = 0
+    eval_fraction: Fraction = 0.15
+    seed: Seed = 0
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if not self.reference_as_chosen and self.k < 2:
+            yield (
+                "k",
+                f"must be >= 2 when reference_as_chosen is false (a pair needs two samples), got {self.k}",
+            )
 
 
 @dataclass(frozen=True)
 class RewardModelConfig:
     """TRL ``RewardTrainer`` (Bradley-Terry) initialised from the SFT weights."""
 
-    learning_rate: float = 1e-3
-    epochs: int = 5
-    batch_size: int = 16
-    max_length: int = 64
-    seed: int = 0
+    learning_rate: LearningRate = 1e-3
+    epochs: Count = 5
+    batch_size: Count = 16
+    max_length: Count = 64
+    seed: Seed = 0
 
 
 @dataclass(frozen=True)
 class DPOConfig:
     """TRL ``DPOTrainer``; ``loss_type: [sigmoid, sft]`` adds an NLL term on chosen (the RPO recipe)."""
 
-    beta: float = 0.1
-    learning_rate: float = 5e-4
-    epochs: int = 2
-    batch_size: int = 16
-    max_length: int = 64
-    loss_type: tuple[str, ...] = ("sigmoid", "sft")
-    loss_weights: tuple[float, ...] = (1.0, 1.0)
+    beta: Positive = 0.1
+    learning_rate: LearningRate = 5e-4
+    epochs: Count = 2
+    batch_size: Count = 16
+    max_length: Count = 64
+    loss_type: Annotated[tuple[Annotated[str, OneOf(DPO_LOSS_TYPES)], ...], NonEmpty()] = ("sigmoid", "sft")
+    loss_weights: tuple[Annotated[float, Range(ge=0)], ...] = (1.0, 1.0)
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if len(self.loss_weights) != len(self.loss_type):
+            yield (
+                "loss_weights",
+                f"needs one weight per loss_type entry ({len(self.loss_type)}), got {len(self.loss_weights)}",
+            )
+        elif not any(self.loss_weights):
+            yield "loss_weights", f"at least one weight must be > 0, got {list(self.loss_weights)}"
+        if "exo_pair" in self.loss_type:  # TRL raises unless label_smoothing > 0, which is not exposed here
+            yield "loss_type", "'exo_pair' needs label_smoothing > 0, which align.dpo does not set"
 
 
 @dataclass(frozen=True)
@@ -178,7 +276,7 @@ class AlignConfig:
     """``method`` picks the algorithm module; each method has its own sub-section."""
 
     method: Literal["dpo"] = "dpo"
-    seed: int = 0
+    seed: Seed = 0
     peft: PeftConfig = field(default_factory=PeftConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
@@ -187,8 +285,8 @@ class AlignConfig:
 class CompressConfig:
     """Merge the adapter into full-precision weights, then quantize (``none`` keeps the merge only)."""
 
-    quantization: Literal["dynamic_int8", "none"] = "dynamic_int8"
-    n_fidelity_prompts: int = 100
+    quantization: Literal["int8_weight", "dynamic_int8", "none"] = "int8_weight"
+    n_fidelity_prompts: Count = 100
 
 
 @dataclass(frozen=True)
@@ -199,29 +297,49 @@ class EvaluateConfig:
     champion that still promotes; the candidate may never score below SFT.
     """
 
-    n_prompts: int = 200
-    max_new_tokens: int = 12
-    batch_size: int = 64
-    sample_temperature: float = 1.0
-    n_samples: int = 8
-    seed: int = 0
-    promotion_alias: str = "champion"
+    n_prompts: Count = 200
+    max_new_tokens: Count = 12
+    batch_size: Count = 64
+    sample_temperature: Positive = 1.0
+    n_samples: Count = 8
+    seed: Seed = 0
+    promotion_alias: Annotated[str, Pattern(r"[\w-]+", "letters, digits, _ or - (an MLflow alias)")] = (
+        "champion"
+    )
     promotion_metric: Literal["accuracy", "sampled_accuracy", "reward_mean"] = "accuracy"
-    promotion_max_accuracy_drop: float = 0.02
+    promotion_max_accuracy_drop: Annotated[float, Range(ge=0, le=1)] = 0.02
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        alias = self.promotion_alias
+        if alias.lower() == "latest" or (alias[0] in "vV" and alias[1:].isdigit()):
+            yield "promotion_alias", f"{alias!r} is reserved by MLflow ('latest' and version names like v1)"
 
 
 @dataclass(frozen=True)
 class RagIndexConfig:
     """Milvus collection with a dense (MiniLM) and a BM25 sparse field; ``uri`` may be a server URL."""
 
-    docs_dir: str = "data/docs"
-    uri: str = "data/rag/milvus.db"
-    collection: str = "posttrain_docs"
-    embedding_model: str = "minilm"
-    chunk_max_characters: int = 500
-    chunk_overlap: int = 50
-    top_k: int = 5
+    docs_dir: Text = "data/docs"
+    uri: Text = "data/rag/milvus.db"
+    collection: Annotated[
+        str,
+        Pattern(
+            r"[A-Za-z_][A-Za-z0-9_]{0,254}",
+            "a Milvus collection name (a letter or _, then letters, digits, _)",
+        ),
+    ] = "posttrain_docs"
+    embedding_model: Text = "minilm"
+    chunk_max_characters: Annotated[int, Range(ge=1, le=MAX_CHUNK_CHARACTERS)] = 500
+    chunk_overlap: NonNegativeInt = 50
+    top_k: Count = 5
     mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.chunk_overlap >= self.chunk_max_characters:
+            yield (
+                "chunk_overlap",
+                f"must be < chunk_max_characters ({self.chunk_max_characters}), got {self.chunk_overlap}",
+            )
 
 
 @dataclass(frozen=True)
@@ -246,15 +364,23 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Params))
 
 
 def parse_params(data: dict[str, Any]) -> Params:
-    """Validate a params mapping; errors name the dotted key (``sft.peft.r``)."""
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
-    classes = {f.name: f.default_factory for f in fields(Params)}
-    for name in SECTIONS:
-        if data.get(name) is not None and not isinstance(data[name], dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {type(data[name]).__name__}")
-    return Params(**{name: build(classes[name], data.get(name), name) for name in SECTIONS})  # type: ignore[arg-type]
+    """Validate a params mapping; errors name the dotted key (``sft.peft.r``).
+
+    Every problem is found first; one :class:`ConfigError` then lists them all, one line each.
+    """
+    problems = [
+        f"{name}: unknown section (allowed: {', '.join(SECTIONS)})" for name in data if name not in SECTIONS
+    ]
+    sections: dict[str, Any] = {}
+    for f in fields(Params):
+        value = data.get(f.name)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"{f.name}: expected a mapping of keys, got {type(value).__name__}")
+            continue
+        sections[f.name] = collect(f.default_factory, value, f.name, problems)  # type: ignore[misc, arg-type]
+    if problems:
+        raise ConfigError(*problems)
+    return Params(**sections)
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -33,6 +33,7 @@ examples:
   posttrain validate                     # check params.yaml against the typed configs
   posttrain promote                      # champion/challenger gate (after a plain dvc repro)
   posttrain models                       # registered versions, aliases, held-out metrics
+  posttrain runs -n 2                    # the last two pipeline runs side by side
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
   posttrain rag ingest docs/ report.pdf  # add documents to the index
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
@@ -82,9 +83,15 @@ def _describe(reason: object) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from components.config import ConfigError
     from components.params import load_params
 
-    load_params(args.params)
+    try:
+        load_params(args.params)
+    except ConfigError as exc:  # every problem at once, one line each
+        for problem in exc.problems:
+            print(f"posttrain validate: error: {problem}", file=sys.stderr)
+        return 2
     print(f"{args.params}: ok")
     return 0
 
@@ -101,6 +108,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     print(format_versions(list_versions(params.tracking), params.evaluate.promotion_alias))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from components.params import load_params
+    from flows.run_summary import format_runs, recent_runs
+
+    print(format_runs(recent_runs(load_params(args.params).tracking, args.last)))
     return 0
 
 
@@ -164,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     models.set_defaults(func=cmd_models)
+
+    runs = sub.add_parser(
+        "runs",
+        help="the last pipeline runs side by side: params that differ, headline metrics",
+        description="Read the parent `post-training` runs from MLflow (newest first) and print them as "
+        "columns: start time, status, commit, every param that differs between them, then the "
+        "evaluation table, reward model, compression, RAG and gate metrics. The same params and metrics "
+        "are on the parent runs in the MLflow UI (select two runs, Compare).",
+    )
+    runs.add_argument("-n", "--last", type=int, default=3, metavar="N", help="how many runs (default 3)")
+    runs.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    runs.set_defaults(func=cmd_runs)
 
     serve = sub.add_parser(
         "serve",

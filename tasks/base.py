@@ -9,7 +9,7 @@ from typing import Any
 from components.artifacts import atomic_dir, describe_output
 from components.config import to_dict
 from components.errors import MissingInputError
-from components.models.base_model import build_base
+from components.models.base_model import build_base, model_source
 from components.models.loading import param_count, save_model
 from components.params import Params
 from components.tracking import Tracker
@@ -38,11 +38,15 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         metrics = {"n_parameters": param_count(model), "vocab_size": len(tokenizer)}
         if losses:
             metrics["pretrain_first_loss"], metrics["pretrain_final_loss"] = losses[0], losses[-1]
+        inputs: dict[str, Path | str] = {"corpus": cfg.corpus}
+        source = model_source(cfg.model)
+        if source is not None:  # a local directory or the bundled GGUF: its content hash is lineage
+            inputs["model"] = source
         describe_output(
             tmp,
             stage="base",
             config=to_dict(cfg),
-            inputs={"corpus": cfg.corpus},
+            inputs=inputs,
             seed=cfg.seed,
             metrics=metrics,
         )

@@ -2,8 +2,9 @@
 
 Output layout (``paths.compressed_model``): ``merged/`` (the full-precision merged model in
 transformers format, which ``tasks/promote.py`` registers in MLflow as
-``tracking.registered_model``) and, beside it,
-``model.int8.safetensors`` + ``config.json`` + tokenizer (the quantized model).
+``tracking.registered_model``) and, beside it unless ``compress.quantization: none``,
+``model.int8.safetensors`` + ``config.json`` + tokenizer (the quantized model). ``config.yaml``'s
+``quantization`` says which method wrote it; ``load_compressed(dir)`` loads it accordingly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from components.compression.quantize import (
     load_compressed,
     mean_token_kl,
     quantize_dynamic_int8,
+    quantize_int8_weight,
     save_int8,
+    save_int8_weight,
 )
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
@@ -45,11 +48,16 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     out = Path(params.paths.compressed_model)
     with atomic_dir(out) as tmp:
         save_model(merged, tokenizer, tmp / "merged")
-        if cfg.quantization == "dynamic_int8":
+        if cfg.quantization == "int8_weight":
+            save_int8_weight(quantize_int8_weight(merged), tmp)
+        elif cfg.quantization == "dynamic_int8":
             save_int8(quantize_dynamic_int8(merged), tmp)
+        if cfg.quantization != "none":
             merged.config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-        compressed = load_compressed(tmp)  # reload from disk: fidelity is measured on what was saved
+        # Reload from disk: fidelity is measured on what was saved. config.yaml (which names the
+        # method for every later load) is written last, so the method is passed here.
+        compressed = load_compressed(tmp, cfg.quantization)
         size_full = dir_size(tmp / "merged")
         size_compressed = dir_size(tmp) if cfg.quantization != "none" else size_full
         metrics = {

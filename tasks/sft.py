@@ -23,7 +23,17 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     processed = Path(params.paths.processed)
     train, held_out = read_jsonl(processed / "sft_train.jsonl"), read_jsonl(processed / "sft_eval.jsonl")
     with atomic_dir(params.paths.sft_model) as tmp:
-        history = train_sft(cfg, base, train, held_out, tmp, tracker, tmp / "_work", params.compute)
+        history = train_sft(
+            cfg,
+            base,
+            train,
+            held_out,
+            tmp,
+            tracker,
+            tmp / "_work",
+            params.compute,
+            model_name=params.base.model,
+        )
         shutil.rmtree(tmp / "_work", ignore_errors=True)
         losses = [h["loss"] for h in history if "loss" in h]
         metrics: dict[str, Any] = {"n_train": len(train), "n_eval": len(held_out)}

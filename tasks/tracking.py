@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from components.params import TrackingConfig
 
 PARENT_RUN_ENV = "POSTTRAIN_PARENT_RUN_ID"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -46,7 +47,10 @@ def configure(cfg: TrackingConfig, root: Path | str = ".") -> str:
     if "://" not in location:
         location = (root / location).resolve().as_uri()
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
+        # MLflow 3 opens an experiment on its GenAI (traces) view unless told it holds training runs
+        return client.create_experiment(
+            cfg.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"}
+        )
     except mlflow.exceptions.MlflowException:  # created concurrently
         return client.get_experiment_by_name(cfg.experiment).experiment_id
 
@@ -99,3 +103,44 @@ def stage_run(stage: str, cfg: TrackingConfig) -> Iterator[MlflowTracker]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
         mlflow.set_tags({"posttrain.stage": stage})
         yield MlflowTracker()
+
+
+PID_TAG = "posttrain.pid"
+HOST_TAG = "posttrain.host"
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming the process that owns a run, so a later run can tell when it died (see below)."""
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def mark_dead_runs(experiment_id: str, status: str = "KILLED") -> list[str]:
+    """End the RUNNING runs of this experiment whose owner process (``owner_tags``) died on this host.
+
+    A process killed with SIGKILL (or by the OOM killer, or a power cut) cannot end its run, which
+    would otherwise stay RUNNING forever. Runs of other hosts, runs without owner tags and runs
+    whose pid is alive (possibly reused: then the run is left as is) are not touched. Returns the
+    ids of the runs it ended.
+    """
+    import socket
+
+    from components.artifacts import pid_alive
+
+    client = MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "posttrain.end_reason", f"process {pid} on {host} died")
+        client.set_terminated(run.info.run_id, status=status)
+        ended.append(run.info.run_id)
+    return ended

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,72 @@ def sample_examples(
 def verify(answer: str, reference: str) -> bool:
     """Exact match after trimming whitespace: the verifier every stage shares."""
     return answer.strip() == reference.strip()
+
+
+# --------------------------------------------------------------------------- lenient grading
+# Real chat models wrap the answer in prose ("Sure! 45 + 64 = 109."). ``verify_lenient`` accepts
+# such a reply when it names the reference as a whole token and names no RIVAL: another answer
+# of the task's kind that is not an echo of the prompt (a candidate counts as an echo as often as
+# the prompt contains it, so "45 + 64 = 109" names one answer, 109). The kinds:
+#
+#   add      kind = numbers (an integral "109.0" reads as 109; the prompt's operands are discounted)
+#   upper    kind = all-capitals words of two or more letters, compared case-sensitively
+#   reverse  kind = words that are a permutation of the reference's letters (so the prompt's own
+#            word is one, and discounted), compared case-insensitively
+#   capital  kind = the names in ``capitals`` (the evaluation suite passes every capital among its
+#            references) plus the reference, matched as whole words, case-insensitively
+#
+# So a reply that lists several candidates ("109 or 110", "OLLEH OLLHE", "Paris, maybe Rome") fails,
+# as does one whose working shows an intermediate number ("100 + 9 = 109": stricter by design,
+# never looser). Known blind spots, none of which lets a list of guesses in: echoes are never
+# rivals (an operand, never the right sum, may appear beside the answer); a reference that is
+# itself in the prompt (a palindrome for reverse) passes whenever it appears; a non-anagram
+# misspelling beside the right reversal is not a rival. Tasks without a known kind (imported
+# ``user`` data) fall back to exact match, and an exact match always passes, so lenient accuracy
+# is never below exact accuracy.
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)")
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _number(text: str) -> str:
+    value = float(text)
+    return str(int(value)) if value.is_integer() else text
+
+
+def _candidates(text: str, task: str, reference: str, capitals: Collection[str]) -> list[str]:
+    """Every answer of ``task``'s kind that ``text`` names, normalised, in order of appearance."""
+    if task == "add":
+        return [_number(m) for m in _NUMBER.findall(text)]
+    if task == "upper":
+        return [w for w in _WORD.findall(text) if w.isupper() and (len(w) >= 2 or w == reference)]
+    if task == "reverse":
+        letters = sorted(reference.lower())
+        return [w.lower() for w in _WORD.findall(text) if sorted(w.lower()) == letters]
+    if task == "capital":
+        names = sorted({c.strip() for c in capitals if c.strip()} | {reference}, key=lambda c: (-len(c), c))
+        # one alternation, longest name first: "New York" is one capital, not also "York"
+        pattern = r"(?<!\w)(?:" + "|".join(map(re.escape, names)) + r")(?!\w)"
+        return [m.lower() for m in re.findall(pattern, text, flags=re.IGNORECASE)]
+    raise ValueError(f"no lenient grading for task {task!r}")
+
+
+def verify_lenient(
+    answer: str, reference: str, task: str, prompt: str = "", capitals: Collection[str] = ()
+) -> bool:
+    """True when ``answer`` is exact, or names the reference as its one answer (rules above)."""
+    if verify(answer, reference):
+        return True
+    if task not in TASKS:
+        return False
+    reference = reference.strip()
+    want = _candidates(reference, task, reference, capitals)
+    if len(want) != 1:  # a reference that is not itself one answer of its kind: exact only
+        return False
+    named = Counter(_candidates(answer, task, reference, capitals))
+    echoed = Counter(_candidates(prompt, task, reference, capitals))
+    rivals = [c for c, n in named.items() if c != want[0] and n > echoed[c]]
+    return named[want[0]] > 0 and not rivals
 
 
 def reward(answer: str, reference: str) -> float:

@@ -1,6 +1,10 @@
 """The held-out suite every model is scored on, so base/sft/aligned/compressed compare like for like.
 
 - ``accuracy``: exact match of the greedy answer (what a user gets at temperature 0);
+- ``lenient_accuracy``: the greedy answer graded by :func:`~components.data.verifier.verify_lenient`,
+  which also accepts the reference inside a verbose reply ("The answer is 109.") as long as the reply
+  names no rival answer; never below ``accuracy``. Capitals' rivals are the capitals among the
+  suite's own references, so grading depends only on the suite;
 - ``sampled_accuracy`` and ``reward_mean``: exact match and graded verifier reward of samples at
   ``sample_temperature`` (what preference optimisation and RL move first);
 - ``perplexity``: of the reference answers given the prompts (assistant tokens only).
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from components.data.verifier import reward, verify
+from components.data.verifier import reward, verify, verify_lenient
 from components.evaluation.generate import chat_prompt_ids, generate
 from components.params import EvaluateConfig
 
@@ -77,19 +81,25 @@ def evaluate_policy(
         seed=cfg.seed,
     )
     per_task: dict[str, list[bool]] = defaultdict(list)
+    lenient: dict[str, list[bool]] = defaultdict(list)
+    capitals = sorted({r["answer"] for r in records if r["task"] == "capital"})
     rewards: list[float] = []
     sampled_hits: list[bool] = []
     for rec, g, samples in zip(records, greedy, sampled, strict=True):
         per_task[rec["task"]].append(verify(g[0], rec["answer"]))
+        lenient[rec["task"]].append(verify_lenient(g[0], rec["answer"], rec["task"], rec["prompt"], capitals))
         rewards.extend(reward(s, rec["answer"]) for s in samples)
         sampled_hits.extend(verify(s, rec["answer"]) for s in samples)
     hits = [h for task_hits in per_task.values() for h in task_hits]
+    lenient_hits = [h for task_hits in lenient.values() for h in task_hits]
     metrics = {
         "accuracy": sum(hits) / len(hits),
         "sampled_accuracy": sum(sampled_hits) / len(sampled_hits),
         "reward_mean": sum(rewards) / len(rewards),
         "perplexity": answer_perplexity(model, answer_sequences(tokenizer, records)),
         "accuracy_by_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
+        "lenient_accuracy": sum(lenient_hits) / len(lenient_hits),
+        "lenient_accuracy_by_task": {task: sum(v) / len(v) for task, v in sorted(lenient.items())},
     }
     answers = [
         {"prompt": r["prompt"], "answer": r["answer"], "output": g[0]}

@@ -1,12 +1,13 @@
-"""The ``base`` stage's component: the tiny local model, or any causal LM by Hub id / local path."""
+"""The ``base`` stage's component: the tiny model, a bundled real model, or any causal LM (Hub id, path)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from components.models import tiny
+from components.models import bundled, tiny
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.params import BaseConfig
 
@@ -24,15 +25,27 @@ def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         model.resize_token_embeddings(len(tokenizer))
 
 
+def model_source(model: str) -> Path | None:
+    """The file or directory ``base.model`` is read from, when it is local (a lineage input), else None."""
+    if model == "tiny":
+        return None
+    if bundled.is_bundled(model):
+        return bundled.gguf_path(model)
+    path = Path(model)
+    return path if path.exists() else None
+
+
 def build_base(cfg: BaseConfig, corpus: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for ``cfg.model``: the tiny model untrained, or a loaded model with a template.
 
-    The tiny model is pretrained afterwards by :func:`components.training.pretrain.pretrain`.
+    The tiny model is pretrained afterwards by :func:`components.training.pretrain.pretrain`. A
+    bundled name (:data:`components.models.bundled.BUNDLED`) loads its cached conversion.
     """
     if cfg.model == "tiny":
         tokenizer = tiny.build_tokenizer(corpus, cfg.vocab_size)
         return tiny.build_model(cfg, tokenizer), tokenizer
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model)
+    source = bundled.resolve(cfg.model) if bundled.is_bundled(cfg.model) else cfg.model
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source)
     ensure_chat_template(model, tokenizer)
     return model, tokenizer

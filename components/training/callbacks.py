@@ -17,6 +17,12 @@ from components.distributed import is_main_process, resolve_compute
 from components.params import ComputeConfig
 from components.tracking import Tracker
 
+# The trainer's one-off end-of-training line: single points that clutter MLflow's charts
+# (``train_loss``, the run's mean loss, is kept: it is the one summary worth comparing).
+SUMMARY_KEYS = frozenset(
+    {"total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+)
+
 
 class TrackerCallback(TrainerCallback):
     """Forward ``on_log`` metrics to a tracker under ``prefix`` and remember them."""
@@ -41,7 +47,9 @@ class TrackerCallback(TrainerCallback):
         }
         if not numeric:
             return
-        self.tracker.log_metrics({f"{self.prefix}{k}": v for k, v in numeric.items()}, step=state.global_step)
+        curves = {f"{self.prefix}{k}": v for k, v in numeric.items() if k not in SUMMARY_KEYS}
+        if curves:
+            self.tracker.log_metrics(curves, step=state.global_step)
         self.history.append({"step": float(state.global_step), **numeric})
 
 

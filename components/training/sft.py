@@ -1,4 +1,16 @@
-"""Supervised fine-tuning with TRL's ``SFTTrainer``: chat messages, assistant-only loss, LoRA by default."""
+"""Supervised fine-tuning with TRL's ``SFTTrainer``: chat messages, assistant-only loss, LoRA by default.
+
+Assistant-only loss works with any prefix-preserving chat template, with no ``{% generation %}``
+markers needed: each conversation is split the way TRL's prompt-completion format is (the last
+assistant turn is the completion, everything before it the prompt) and tokenized here, and the
+loss covers the tokens the full conversation adds after the prompt rendered with its generation
+prompt, up to and including the turn's end-of-turn token (the tokenizer's eos, or a
+generation-config eos). Whatever a template writes after that token (ChatML's newline) stays in
+the sequence but out of the loss, so the mask is exactly the reply and its end marker, as
+TRL's ``assistant_only_loss`` marks it for a template that has ``{% generation %}``. TRL then
+gets ``input_ids`` + ``completion_mask`` with ``completion_only_loss=True`` (TRL appends no
+EOS to conversational data; the template's own end-of-turn token is what the model learns to stop on).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
+from components.errors import PosttrainError
 from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, SFTConfig
 from components.peft.adapters import load_policy, lora_config, save_policy
@@ -17,8 +31,79 @@ from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
 
-def _messages(records: Sequence[dict[str, Any]]) -> Dataset:
-    return Dataset.from_list([{"messages": r["messages"]} for r in records])
+class ChatTemplateError(PosttrainError):
+    """The base model's chat template cannot give an assistant-only loss."""
+
+
+def split_prompt_completion(messages: Sequence[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """TRL's conversational prompt-completion form: (turns before the last assistant turn, [that turn])."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ChatTemplateError("an SFT record has no assistant turn (ingest validates this: re-run ingest)")
+    return list(messages[:last]), [dict(messages[last])]
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt
+        )
+    )
+
+
+def completion_example(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    stop_ids: set[int],
+    model_name: str = "",
+) -> dict[str, list[int]]:
+    """``input_ids`` of the conversation and a ``completion_mask`` of exactly reply + end-of-turn token.
+
+    Raises :class:`ChatTemplateError` (one line, naming ``base.model``) when the template does not
+    render the prompt as a prefix of the conversation, or ends the reply with no stop token.
+    """
+    prompt, completion = split_prompt_completion(messages)
+    prompt_ids = _ids(tokenizer, prompt, True)
+    ids = _ids(tokenizer, prompt + completion, False)
+    where = f"base.model {model_name!r}" if model_name else "base.model"
+    if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+        raise ChatTemplateError(
+            f"{where}: its chat template does not render the prompt (with add_generation_prompt) as a "
+            "prefix of the prompt + assistant reply, so the reply's tokens cannot be found; fix: give the "
+            "tokenizer a prefix-preserving chat_template (tokenizer_config.json / chat_template.jinja)"
+        )
+    tail = ids[len(prompt_ids) :]
+    ends = [i for i, t in enumerate(tail) if t in stop_ids]
+    if not ends:
+        raise ChatTemplateError(
+            f"{where}: its chat template ends the assistant turn with no eos token "
+            f"({sorted(stop_ids)}), so the model would never learn to stop; fix: set the tokenizer's "
+            "eos_token to the template's end-of-turn token"
+        )
+    n_loss = ends[-1] + 1
+    mask = [0] * len(prompt_ids) + [1] * n_loss + [0] * (len(tail) - n_loss)
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> set[int]:
+    """The tokenizer's eos id and every eos id of the model's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list | tuple) else ({eos} if eos is not None else set())
+    return ids
+
+
+def completion_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, Any]],
+    stop_ids: set[int],
+    model_name: str = "",
+) -> Dataset:
+    """Tokenized prompt-completion examples (TRL takes them as is: ``input_ids`` present)."""
+    return Dataset.from_list(
+        [completion_example(tokenizer, r["messages"], stop_ids, model_name) for r in records]
+    )
 
 
 def train_sft(
@@ -30,10 +115,17 @@ def train_sft(
     tracker: Tracker,
     work_dir: Path,
     compute: ComputeConfig | None = None,
+    model_name: str = "",
 ) -> list[dict[str, float]]:
-    """Train and save the SFT policy (a LoRA adapter over ``base_dir``, or full weights)."""
+    """Train and save the SFT policy (a LoRA adapter over ``base_dir``, or full weights).
+
+    ``model_name`` (``base.model``) only names the model in a chat-template error.
+    """
     tokenizer = load_tokenizer(base_dir)
     model = load_policy(base_dir)
+    stop_ids = stop_token_ids(tokenizer, model)
+    train_dataset = completion_dataset(tokenizer, train_records, stop_ids, model_name)
+    eval_dataset = completion_dataset(tokenizer, eval_records, stop_ids, model_name) if eval_records else None
     common = trainer_args(
         work_dir,
         seed=cfg.seed,
@@ -47,7 +139,7 @@ def train_sft(
     args = TRLSFTConfig(
         **common,
         max_length=cfg.max_length,
-        assistant_only_loss=True,
+        completion_only_loss=True,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
     )
@@ -55,8 +147,8 @@ def train_sft(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=_messages(train_records),
-        eval_dataset=_messages(eval_records) if eval_records else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.peft),
         callbacks=[callback],

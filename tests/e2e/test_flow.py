@@ -127,8 +127,26 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
         "compress",
         "evaluate",
     }
-    third = posttrain(repo, "run", "--no-track")
+    third = posttrain(repo, "run")
     assert "6 stage(s) executed, 3 up to date" in third.stdout
+
+    # Two pipeline runs compare side by side: the parent runs carry params, metrics and lineage.
+    parents = sorted(
+        (r for r in mlflow_runs(repo) if r.info.run_name == "post-training"), key=lambda r: r.info.start_time
+    )
+    first_run, last_run = parents[0], parents[-1]
+    assert (first_run.data.params["sft.learning_rate"], last_run.data.params["sft.learning_rate"]) == (
+        "0.005",
+        "0.004",
+    )
+    assert (
+        "sft.accuracy" in last_run.data.metrics and last_run.data.tags["posttrain.dvc_lock_sha256"] != "none"
+    )
+    evaluate_now = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert last_run.data.metrics["sft.perplexity"] == pytest.approx(evaluate_now["sft"]["perplexity"])
+    table = posttrain(repo, "runs", "-n", "3").stdout
+    row = next(line for line in table.splitlines() if line.startswith("sft.learning_rate"))
+    assert row.split()[1:] == ["0.004", "0.005", "0.005"], table
 
     # The local DVC remote round-trips the outputs.
     sh([sys.executable, "-m", "dvc", "push", "-q"], repo)

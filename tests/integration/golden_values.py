@@ -71,46 +71,30 @@ ALIGN = {
 }
 
 COMPRESS = {
-    "quantization": "dynamic_int8",
+    "quantization": "int8_weight",
     "n_fidelity_prompts": 8,
     "size_bytes_full": 161496,
-    "size_bytes_compressed": 76184,
-    "compression_ratio": 161496 / 76184,
-    "fidelity_kl": 6.456816590380395e-06,
+    "size_bytes_compressed": 76168,
+    "compression_ratio": 161496 / 76168,
+    "fidelity_kl": 6.127971239206006e-07,
 }
 
 # evaluate: only the per-model suite numbers and the RM/KL figures. The promotion/gate fields
-# are being redesigned and are deliberately not pinned.
+# are being redesigned and are deliberately not pinned. The tiny policy gets nothing right, so
+# lenient accuracy is 0 too (verify_lenient's own cases are in tests/unit/test_verifier_tasks.py).
 _ZERO_BY_TASK = {"add": 0.0, "capital": 0.0, "reverse": 0.0, "upper": 0.0}
+_ZERO_ACCURACY = {
+    "accuracy": 0.0,
+    "sampled_accuracy": 0.0,
+    "accuracy_by_task": _ZERO_BY_TASK,
+    "lenient_accuracy": 0.0,
+    "lenient_accuracy_by_task": _ZERO_BY_TASK,
+}
 EVALUATE = {
-    "base": {
-        "accuracy": 0.0,
-        "sampled_accuracy": 0.0,
-        "accuracy_by_task": _ZERO_BY_TASK,
-        "reward_mean": 0.007161458333333333,
-        "perplexity": 153.10934498023775,
-    },
-    "sft": {
-        "accuracy": 0.0,
-        "sampled_accuracy": 0.0,
-        "accuracy_by_task": _ZERO_BY_TASK,
-        "reward_mean": 0.004836309523809524,
-        "perplexity": 58.79142896629611,
-    },
-    "aligned": {
-        "accuracy": 0.0,
-        "sampled_accuracy": 0.0,
-        "accuracy_by_task": _ZERO_BY_TASK,
-        "reward_mean": 0.004836309523809524,
-        "perplexity": 57.57520480396085,
-    },
-    "compressed": {
-        "accuracy": 0.0,
-        "sampled_accuracy": 0.0,
-        "accuracy_by_task": _ZERO_BY_TASK,
-        "reward_mean": 0.004836309523809524,
-        "perplexity": 57.564290913680054,
-    },
+    "base": {**_ZERO_ACCURACY, "reward_mean": 0.007161458333333333, "perplexity": 153.10934498023775},
+    "sft": {**_ZERO_ACCURACY, "reward_mean": 0.004836309523809524, "perplexity": 58.79142896629611},
+    "aligned": {**_ZERO_ACCURACY, "reward_mean": 0.004836309523809524, "perplexity": 57.57520480396085},
+    "compressed": {**_ZERO_ACCURACY, "reward_mean": 0.004836309523809524, "perplexity": 57.59839502717108},
     "kl_aligned_vs_sft": 0.0006479880226006408,
     "reward_model_pairwise_accuracy": 7 / 7,
 }

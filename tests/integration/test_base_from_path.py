@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from components.artifacts import hash_path
 from components.models import tiny
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.params import load_params
@@ -66,3 +68,19 @@ def test_base_loads_a_local_checkpoint_and_keeps_its_weights(
     ids = torch.tensor([[3, 4, 5, 6]])  # tokens that existed before any role token was added
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits[..., : original.config.vocab_size], original(ids).logits)
+
+
+def test_a_local_base_model_directory_is_a_lineage_input(tiny_project: Path, tmp_path: Path) -> None:
+    """The directory's content hash is in models/base/manifest.json: new files there, new output bytes."""
+    source = tmp_path / "third-party"
+    _save_tiny_model(source, with_template=True)
+    _use_model(tiny_project, source)
+    manifest = tiny_project / "models/base/manifest.json"
+    base.run(load_params("params.yaml"), RecordingTracker())
+    first = manifest.read_bytes()
+    assert json.loads(first)["inputs"]["model"] == hash_path(source)
+
+    (source / "NOTES.md").write_text("same weights, one more file\n")
+    base.run(load_params("params.yaml"), RecordingTracker())
+    assert json.loads(manifest.read_bytes())["inputs"]["model"] == hash_path(source)
+    assert manifest.read_bytes() != first

@@ -10,7 +10,7 @@ import pytest
 from flows.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "status", "serve", "rag", "validate", "promote", "models")
+COMMANDS = ("run", "status", "serve", "rag", "validate", "promote", "models", "runs")
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -107,3 +107,41 @@ def test_validate_invalid_yaml_is_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert str(path) in lines[0]
+
+
+def test_validate_reports_every_problem_at_once_one_line_each(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "sft:\n  learning_rate: -1\n  batch_size: 0\n  lr_scheduler: bogus\n"
+        "preferences:\n  k: 0\n  temperature: -1\n  eval_fraction: 1.5\n"
+        "base:\n  num_heads: 3\n"
+        "ingest:\n  n_eval_prompts: 0\n"
+        "evaluate:\n  n_prompts: 0\n"
+        "rag_index:\n  chunk_overlap: 600\n"
+    )
+    assert _exit_code(["validate", "--params", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "ok" not in captured.out
+    lines = captured.err.splitlines()
+    assert all(line.startswith("posttrain validate: error: ") for line in lines), lines
+    keys = [line.removeprefix("posttrain validate: error: ").split(":")[0] for line in lines]
+    assert keys == [
+        "base.num_heads",
+        "ingest.n_eval_prompts",
+        "sft.learning_rate",
+        "sft.batch_size",
+        "sft.lr_scheduler",
+        "preferences.k",
+        "preferences.temperature",
+        "preferences.eval_fraction",
+        "evaluate.n_prompts",
+        "rag_index.chunk_overlap",
+    ]
+    assert "posttrain validate: error: sft.learning_rate: must be >= 0, got -1.0" in lines
+
+
+def test_validate_accepts_exponent_floats(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("sft:\n  learning_rate: 3e-3\nreward_model:\n  learning_rate: 1E-4\n")
+    assert _exit_code(["validate", "--params", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok"

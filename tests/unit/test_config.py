@@ -154,7 +154,8 @@ def test_bool_is_not_accepted_as_float():
 
 
 def test_string_is_not_accepted_as_float():
-    # PyYAML reads ``1e-3`` (no dot) as a string; that must fail loudly, not become a default.
+    # Plain ``yaml.safe_load`` reads ``1e-3`` (no dot) as a string; parse_params must not accept it
+    # (read_params resolves it as a float, see test_exponent_floats_without_a_dot_load_as_floats).
     with pytest.raises(ConfigError, match=r"^sft\.learning_rate: expected float, got str"):
         parse_params(yaml.safe_load("sft:\n  learning_rate: 1e-3\n"))
 
@@ -391,3 +392,409 @@ def test_impossible_compute_combinations_name_the_key(settings, cuda, bf16, patt
 def test_bad_compute_values_name_the_key(section, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_params({"compute": section})
+
+
+# --------------------------------------------------------------------------- ranges and cross-field rules
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    return _unflatten({dotted: value})
+
+
+# (dotted key to set, value, the key the problem names, the problem); each alone in an otherwise
+# default params file, so each row proves one rule.
+NONSENSE = [
+    # the values from the issue
+    ("sft.learning_rate", -1, "sft.learning_rate", r"must be >= 0, got -1\.0"),
+    ("preferences.k", 0, "preferences.k", r"must be >= 1, got 0"),
+    ("evaluate.n_prompts", 0, "evaluate.n_prompts", r"must be >= 1, got 0"),
+    ("sft.batch_size", 0, "sft.batch_size", r"must be >= 1, got 0"),
+    ("preferences.temperature", -1, "preferences.temperature", r"must be > 0, got -1\.0"),
+    ("preferences.eval_fraction", 1.5, "preferences.eval_fraction", r"must be in \[0, 1\), got 1\.5"),
+    ("base.num_heads", 3, "base.num_heads", r"must divide hidden_size \(128\), got 3"),
+    ("rag_index.chunk_overlap", 500, "rag_index.chunk_overlap", r"must be < chunk_max_characters \(500\)"),
+    (
+        "sft.lr_scheduler",
+        "cosine_typo",
+        "sft.lr_scheduler",
+        r"expected one of \[.*'cosine'.*\], got 'cosine_typo'",
+    ),
+    ("ingest.n_eval_prompts", 0, "ingest.n_eval_prompts", r"must be >= 1, got 0"),
+    # paths and tracking
+    ("paths.sft_model", "", "paths.sft_model", r"must not be empty"),
+    ("paths.aligned_model", "models/sft", "paths.aligned_model", r"must differ from paths\.sft_model"),
+    ("tracking.tracking_uri", " ", "tracking.tracking_uri", r"must not be empty"),
+    ("tracking.experiment", "", "tracking.experiment", r"must not be empty"),
+    ("tracking.registered_model", "", "tracking.registered_model", r"must not be empty"),
+    # base
+    ("base.model", "", "base.model", r"must not be empty"),
+    ("base.seed", -1, "base.seed", r"must be in \[0, 4294967295\], got -1"),
+    ("base.vocab_size", 0, "base.vocab_size", r"must be >= 1"),
+    ("base.hidden_size", 0, "base.hidden_size", r"must be >= 1"),
+    ("base.intermediate_size", 0, "base.intermediate_size", r"must be >= 1"),
+    ("base.num_layers", 0, "base.num_layers", r"must be >= 1"),
+    ("base.num_heads", 0, "base.num_heads", r"must be >= 1, got 0"),  # not a ZeroDivisionError
+    ("base.num_heads", 128, "base.num_heads", r"hidden_size / num_heads must be even .* got 1"),  # 128/128
+    ("base.max_position_embeddings", 0, "base.max_position_embeddings", r"must be >= 1"),
+    ("base.pretrain_epochs", 0, "base.pretrain_epochs", r"must be >= 1"),
+    ("base.pretrain_learning_rate", -0.1, "base.pretrain_learning_rate", r"must be >= 0"),
+    ("base.pretrain_batch_size", 0, "base.pretrain_batch_size", r"must be >= 1"),
+    (
+        "base.pretrain_block_size",
+        256,
+        "base.pretrain_block_size",
+        r"must be <= max_position_embeddings \(128\)",
+    ),
+    # ingest
+    ("ingest.facts", "", "ingest.facts", r"must not be empty"),
+    ("ingest.tasks", [], "ingest.tasks", r"must not be empty"),
+    (
+        "ingest.tasks",
+        ["add", "multiply"],
+        "ingest.tasks[1]",
+        r"expected one of \['add', .*\], got 'multiply'",
+    ),
+    ("ingest.seed", -3, "ingest.seed", r"must be in \[0, "),
+    ("ingest.n_sft_train", 0, "ingest.n_sft_train", r"must be >= 1"),
+    ("ingest.n_sft_eval", 0, "ingest.n_sft_eval", r"must be >= 1"),
+    ("ingest.n_preference_prompts", -5, "ingest.n_preference_prompts", r"must be >= 1, got -5"),
+    # sft and its peft sub-section (align.peft is the same class)
+    ("sft.epochs", 0, "sft.epochs", r"must be >= 1"),
+    ("sft.max_length", 0, "sft.max_length", r"must be >= 1"),
+    ("sft.warmup_steps", -1, "sft.warmup_steps", r"must be >= 0, got -1"),
+    ("sft.lr_scheduler", "cosine_with_min_lr", "sft.lr_scheduler", r"expected one of"),  # needs kwargs
+    ("sft.seed", -1, "sft.seed", r"must be in \[0, "),
+    ("sft.peft.r", 0, "sft.peft.r", r"must be >= 1, got 0"),
+    ("sft.peft.alpha", 0, "sft.peft.alpha", r"must be >= 1, got 0"),
+    ("sft.peft.dropout", 1.0, "sft.peft.dropout", r"must be in \[0, 1\), got 1\.0"),
+    ("sft.peft.dropout", -0.1, "sft.peft.dropout", r"must be in \[0, 1\)"),
+    ("sft.peft.target_modules", [], "sft.peft.target_modules", r"must not be empty when method is lora"),
+    ("sft.peft.target_modules", ["q_proj", ""], "sft.peft.target_modules[1]", r"must not be empty"),
+    ("align.peft.modules_to_save", [" "], "align.peft.modules_to_save[0]", r"must not be empty"),
+    ("align.peft.r", -4, "align.peft.r", r"must be >= 1, got -4"),
+    # preferences
+    ("preferences.max_prompts", 0, "preferences.max_prompts", r"must be >= 1"),
+    ("preferences.max_new_tokens", 0, "preferences.max_new_tokens", r"must be >= 1"),
+    ("preferences.batch_size", 0, "preferences.batch_size", r"must be >= 1"),
+    ("preferences.eval_fraction", -0.1, "preferences.eval_fraction", r"must be in \[0, 1\)"),
+    ("preferences.eval_fraction", 1, "preferences.eval_fraction", r"must be in \[0, 1\), got 1\.0"),
+    ("preferences.temperature", 0, "preferences.temperature", r"must be > 0, got 0\.0"),
+    ("preferences.seed", -1, "preferences.seed", r"must be in \[0, "),
+    # reward_model
+    ("reward_model.learning_rate", -1e-3, "reward_model.learning_rate", r"must be >= 0"),
+    ("reward_model.epochs", 0, "reward_model.epochs", r"must be >= 1"),
+    ("reward_model.batch_size", 0, "reward_model.batch_size", r"must be >= 1"),
+    ("reward_model.max_length", 0, "reward_model.max_length", r"must be >= 1"),
+    ("reward_model.seed", 2**32, "reward_model.seed", r"must be in \[0, 4294967295\]"),
+    # align
+    ("align.seed", -1, "align.seed", r"must be in \[0, "),
+    ("align.dpo.beta", 0, "align.dpo.beta", r"must be > 0, got 0\.0"),
+    ("align.dpo.learning_rate", -5e-4, "align.dpo.learning_rate", r"must be >= 0"),
+    ("align.dpo.epochs", 0, "align.dpo.epochs", r"must be >= 1"),
+    ("align.dpo.batch_size", 0, "align.dpo.batch_size", r"must be >= 1"),
+    ("align.dpo.max_length", 0, "align.dpo.max_length", r"must be >= 1"),
+    ("align.dpo.loss_type", [], "align.dpo.loss_type", r"must not be empty"),
+    ("align.dpo.loss_type", ["sigmoid", "rpo"], "align.dpo.loss_type[1]", r"expected one of \['sigmoid', "),
+    (
+        "align.dpo.loss_weights",
+        [1.0],
+        "align.dpo.loss_weights",
+        r"needs one weight per loss_type entry \(2\), got 1",
+    ),
+    ("align.dpo.loss_weights", [1.0, -1.0], "align.dpo.loss_weights[1]", r"must be >= 0, got -1\.0"),
+    ("align.dpo.loss_weights", [0, 0], "align.dpo.loss_weights", r"at least one weight must be > 0"),
+    # compress and evaluate
+    ("compress.n_fidelity_prompts", 0, "compress.n_fidelity_prompts", r"must be >= 1"),
+    ("evaluate.max_new_tokens", 0, "evaluate.max_new_tokens", r"must be >= 1"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size", r"must be >= 1"),
+    ("evaluate.sample_temperature", 0.0, "evaluate.sample_temperature", r"must be > 0"),
+    ("evaluate.n_samples", 0, "evaluate.n_samples", r"must be >= 1"),
+    ("evaluate.seed", -1, "evaluate.seed", r"must be in \[0, "),
+    ("evaluate.promotion_alias", "", "evaluate.promotion_alias", r"must be letters, digits"),
+    ("evaluate.promotion_alias", "my champ", "evaluate.promotion_alias", r"must be letters, digits"),
+    ("evaluate.promotion_alias", "latest", "evaluate.promotion_alias", r"'latest' is reserved by MLflow"),
+    ("evaluate.promotion_alias", "v3", "evaluate.promotion_alias", r"'v3' is reserved by MLflow"),
+    (
+        "evaluate.promotion_max_accuracy_drop",
+        -0.01,
+        "evaluate.promotion_max_accuracy_drop",
+        r"must be in \[0, 1\]",
+    ),
+    (
+        "evaluate.promotion_max_accuracy_drop",
+        1.5,
+        "evaluate.promotion_max_accuracy_drop",
+        r"must be in \[0, 1\]",
+    ),
+    # rag_index
+    ("rag_index.docs_dir", "", "rag_index.docs_dir", r"must not be empty"),
+    ("rag_index.uri", "", "rag_index.uri", r"must not be empty"),
+    ("rag_index.collection", "posttrain-docs", "rag_index.collection", r"must be a Milvus collection name"),
+    ("rag_index.embedding_model", "", "rag_index.embedding_model", r"must not be empty"),
+    (
+        "rag_index.chunk_max_characters",
+        0,
+        "rag_index.chunk_max_characters",
+        r"must be in \[1, 16000\], got 0",
+    ),
+    ("rag_index.chunk_max_characters", 16001, "rag_index.chunk_max_characters", r"must be in \[1, 16000\]"),
+    ("rag_index.chunk_overlap", -1, "rag_index.chunk_overlap", r"must be >= 0, got -1"),
+    ("rag_index.top_k", 0, "rag_index.top_k", r"must be >= 1"),
+    # not finite
+    ("sft.learning_rate", float("inf"), "sft.learning_rate", r"must be a finite number, got inf"),
+    ("preferences.temperature", float("nan"), "preferences.temperature", r"must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "key", "problem"), NONSENSE, ids=[f"{row[0]}={row[1]!r}" for row in NONSENSE]
+)
+def test_nonsense_value_is_rejected_naming_the_dotted_key(dotted, value, key, problem):
+    with pytest.raises(ConfigError) as exc:
+        parse_params(_nested(dotted, value))
+    assert len(exc.value.problems) == 1, exc.value.problems
+    assert re.match(rf"{re.escape(key)}: {problem}", str(exc.value)), str(exc.value)
+
+
+def test_every_field_has_a_rule_or_is_a_bool_or_literal():
+    # field by field: each leaf carries a constraint (on itself or on its list items), is a Literal or
+    # a bool, or is listed here with its reason; a new field without a rule fails this test
+    import typing
+
+    from components.config import Constraint
+
+    exempt = {
+        "ingest.sft_data": "optional path, '' = the shipped tasks",
+        "ingest.preference_data": "optional path, '' = the shipped tasks",
+        "compute.processes": "ComputeConfig.__post_init__ (>= 1), see test_bad_compute_values_name_the_key",
+    }
+
+    def constrained(tp: Any) -> bool:
+        if typing.get_origin(tp) is typing.Annotated:
+            return any(isinstance(x, Constraint) for x in typing.get_args(tp)[1:])
+        if typing.get_origin(tp) is tuple:
+            return constrained(typing.get_args(tp)[0])
+        return tp is bool or typing.get_origin(tp) is Literal
+
+    def unchecked(cls: type, prefix: str) -> list[str]:
+        out = []
+        for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+            key = f"{prefix}.{name}"
+            if dataclasses.is_dataclass(tp):
+                out += unchecked(tp, key)
+            elif not constrained(tp) and key not in exempt:
+                out.append(key)
+        return out
+
+    missing = [k for f in dataclasses.fields(Params) for k in unchecked(f.default_factory, f.name)]  # type: ignore[arg-type]
+    assert not missing, missing
+
+
+def test_learning_rate_zero_stays_valid():
+    # a test elsewhere sets align.dpo.learning_rate 0 so that the candidate equals SFT
+    params = parse_params({"align": {"dpo": {"learning_rate": 0}}, "sft": {"learning_rate": 0.0}})
+    assert params.align.dpo.learning_rate == 0.0
+    assert params.sft.learning_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("preferences.eval_fraction", 0.0),  # no held-out pairs
+        ("sft.warmup_steps", 0),
+        ("sft.peft.dropout", 0.5),
+        ("rag_index.chunk_overlap", 0),
+        ("rag_index.chunk_overlap", 499),
+        ("evaluate.promotion_max_accuracy_drop", 0),
+        ("evaluate.promotion_alias", "best-v2"),
+        ("base.seed", 2**32 - 1),
+        ("sft.lr_scheduler", "reduce_lr_on_plateau"),
+        ("align.dpo.loss_type", ["sigmoid"]),  # with loss_weights below
+        ("preferences.k", 1),  # the reference answer is the chosen side when every sample fails
+    ],
+)
+def test_edge_values_that_make_sense_are_accepted(dotted, value):
+    data = _nested(dotted, value)
+    if dotted == "align.dpo.loss_type":
+        data["align"]["dpo"]["loss_weights"] = [1.0]
+    parse_params(data)
+
+
+def test_peft_without_target_modules_is_fine_for_a_full_fine_tune():
+    params = parse_params({"sft": {"peft": {"method": "none", "target_modules": []}}})
+    assert params.sft.peft.target_modules == ()
+
+
+def test_one_sample_per_prompt_needs_the_reference_as_chosen():
+    with pytest.raises(ConfigError, match=r"^preferences\.k: must be >= 2 when reference_as_chosen is false"):
+        parse_params({"preferences": {"k": 1, "reference_as_chosen": False}})
+
+
+def test_exo_pair_is_rejected_because_label_smoothing_is_not_exposed():
+    with pytest.raises(ConfigError, match=r"^align\.dpo\.loss_type: 'exo_pair' needs label_smoothing"):
+        parse_params({"align": {"dpo": {"loss_type": ["exo_pair"], "loss_weights": [1.0]}}})
+
+
+def test_architecture_rules_apply_only_to_the_tiny_model():
+    # a Hub model brings its own config; these keys are then unused and must not block it
+    params = parse_params({"base": {"model": "gpt2", "num_heads": 3, "pretrain_block_size": 1024}})
+    assert params.base.model == "gpt2"
+
+
+def test_cross_field_rule_checks_a_default_against_a_given_value():
+    with pytest.raises(
+        ConfigError, match=r"^rag_index\.chunk_overlap: must be < chunk_max_characters \(40\)"
+    ):
+        parse_params({"rag_index": {"chunk_max_characters": 40}})  # default overlap is 50
+
+
+def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
+    text = (
+        "sft:\n  learning_rate: -1\n  batch_size: 0\n  lr_scheduler: bogus\n  epochs: three\n"
+        "preferences:\n  k: 0\n  temperature: -1\n  eval_fraction: 1.5\n"
+        "evaluate:\n  n_prompts: 0\n  nprompts: 3\n"
+        "base:\n  num_heads: 3\n"
+        "rag_index:\n  chunk_overlap: 600\n"
+        "ingest:\n  n_eval_prompts: 0\n"
+        "sfft: {}\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_params(_write(tmp_path, text))
+    keys = [problem.split(":")[0] for problem in exc.value.problems]
+    assert keys == [
+        "sfft",  # unknown sections first
+        "base.num_heads",
+        "ingest.n_eval_prompts",  # then the sections in params order, keys in file order
+        "sft.learning_rate",
+        "sft.batch_size",
+        "sft.lr_scheduler",
+        "sft.epochs",
+        "preferences.k",
+        "preferences.temperature",
+        "preferences.eval_fraction",
+        "evaluate.n_prompts",
+        "evaluate.nprompts",
+        "rag_index.chunk_overlap",
+    ]
+    assert str(exc.value).splitlines() == list(exc.value.problems)  # one line each
+    assert "sft.epochs: expected int, got str 'three'" in exc.value.problems
+
+
+def test_a_single_problem_is_a_single_line():
+    with pytest.raises(ConfigError) as exc:
+        parse_params({"sft": {"epochs": 0}})
+    assert str(exc.value) == "sft.epochs: must be >= 1, got 0"
+    assert exc.value.problems == ("sft.epochs: must be >= 1, got 0",)
+
+
+def test_build_collects_problems_of_a_plain_dataclass():
+    with pytest.raises(ConfigError) as exc:
+        build(_Extra, {"maybe": "4", "kind": "c", "extra": 1}, "x")
+    assert [p.split(":")[0] for p in exc.value.problems] == ["x.maybe", "x.kind", "x.extra"]
+
+
+def test_config_error_still_takes_one_message():
+    err = ConfigError("a.b: broken")
+    assert str(err) == "a.b: broken"
+    assert err.problems == ("a.b: broken",)
+
+
+# --------------------------------------------------------------------------- YAML 1.2 floats
+
+
+def test_exponent_floats_without_a_dot_load_as_floats(tmp_path):
+    text = (
+        "sft:\n  learning_rate: 3e-3\n"
+        "reward_model:\n  learning_rate: 1E-4\n"
+        "base:\n  pretrain_learning_rate: 5.0e-4\n"  # YAML 1.1 wants a signed exponent: 5.0e+4 / 5.0e-4
+        "align:\n  dpo:\n    beta: 1e0\n    loss_weights: [1e0, 5e-1]\n"
+        "evaluate:\n  sample_temperature: +7e-1\n"
+    )
+    params = load_params(_write(tmp_path, text))
+    assert params.sft.learning_rate == 3e-3 and type(params.sft.learning_rate) is float
+    assert params.reward_model.learning_rate == 1e-4
+    assert params.base.pretrain_learning_rate == 5e-4
+    assert params.align.dpo.beta == 1.0
+    assert params.align.dpo.loss_weights == (1.0, 0.5)
+    assert params.evaluate.sample_temperature == 0.7
+
+
+def test_negative_exponent_float_is_a_float_then_range_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"^sft\.learning_rate: must be >= 0, got -200000\.0"):
+        load_params(_write(tmp_path, "sft:\n  learning_rate: -2e5\n"))
+
+
+def test_read_params_resolves_only_plain_exponent_scalars(tmp_path):
+    path = _write(tmp_path, "a: 3e-3\nb: '3e-3'\nc: 1e\nd: 12\ne: 0.5\nf: e5\ng: 1_000\nh: .inf\n")
+    data = read_params(path)
+    assert data == {
+        "a": 0.003,
+        "b": "3e-3",
+        "c": "1e",
+        "d": 12,
+        "e": 0.5,
+        "f": "e5",
+        "g": 1000,
+        "h": float("inf"),
+    }
+    assert type(data["d"]) is int
+    # the global SafeLoader is untouched: yaml.safe_load elsewhere keeps PyYAML's behaviour
+    assert yaml.safe_load("a: 3e-3") == {"a": "3e-3"}
+
+
+def test_quoted_exponent_stays_a_string_and_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"^sft\.learning_rate: expected float, got str '3e-3'"):
+        load_params(_write(tmp_path, "sft:\n  learning_rate: '3e-3'\n"))
+
+
+# --------------------------------------------------------------------------- shipped and test params
+
+
+def test_shipped_params_pass_every_rule():
+    root = Path(__file__).resolve().parents[2]
+    assert load_params(root / "params.yaml") == Params()
+
+
+def test_tiny_test_params_pass_every_rule():
+    from tests.conftest import tiny_params
+
+    params = parse_params(tiny_params())
+    assert params.base.hidden_size % params.base.num_heads == 0
+
+
+def test_lr_schedulers_are_the_transformers_ones_that_need_no_kwargs():
+    import torch
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    from components.params import LR_SCHEDULERS
+
+    known = {s.value for s in SchedulerType}
+    assert set(LR_SCHEDULERS) <= known
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name in LR_SCHEDULERS:  # each works with what sft passes (warmup and total steps only)
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4)
+    for name in sorted(known - set(LR_SCHEDULERS)):  # each left out really needs lr_scheduler_kwargs
+        with pytest.raises((ValueError, TypeError)):
+            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4)
+
+
+def test_dpo_loss_types_are_the_ones_trl_documents():
+    from trl import DPOConfig
+
+    from components.params import DPO_LOSS_TYPES
+
+    help_text = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata["help"]
+    assert list(DPO_LOSS_TYPES) == re.findall(r"`'(\w+)'`", help_text)
+
+
+def test_ingest_tasks_are_the_verifier_tasks():
+    from components import params
+    from components.data.verifier import TASKS
+    from components.rag.chunking import MAX_CHUNK_CHARACTERS
+
+    assert params.TASKS == TASKS  # a copy (see components/params.py for why it is not imported)
+    assert params.MAX_CHUNK_CHARACTERS == MAX_CHUNK_CHARACTERS
+    assert set(IngestConfig().tasks) <= set(TASKS)
+    for task in TASKS:
+        assert parse_params({"ingest": {"tasks": [task]}}).ingest.tasks == (task,)

@@ -1,4 +1,5 @@
-"""Dynamic int8 quantization: save/load round trip, size, and the KL fidelity metric (tiny Llama, CPU)."""
+"""int8 quantization (weight-only per channel, and dynamic): maths, save/load round trip, size,
+how a compressed directory says it is loaded, and the KL fidelity metric (tiny Llama, CPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
@@ -13,18 +15,24 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from components.compression.quantize import (
     INT8_FILE,
+    Int8WeightOnlyLinear,
+    compressed_quantization,
     dir_size,
     load_compressed,
     load_int8,
+    load_int8_weight,
     mean_token_kl,
     quantize_dynamic_int8,
+    quantize_int8_per_channel,
+    quantize_int8_weight,
     save_int8,
+    save_int8_weight,
 )
 
 VOCAB = 64
 
 
-def _tiny_llama() -> LlamaForCausalLM:
+def _tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -33,9 +41,16 @@ def _tiny_llama() -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def _mark(model_dir: Path, quantization: str) -> None:
+    """What the compress stage writes last: config.yaml naming the method."""
+    (Path(model_dir) / "config.yaml").write_text(
+        yaml.safe_dump({"quantization": quantization, "n_fidelity_prompts": 8}, sort_keys=False)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +60,7 @@ def models(tmp_path_factory) -> dict:
     int8_dir = tmp_path_factory.mktemp("int8")
     path = save_int8(qmodel, int8_dir)
     model.config.save_pretrained(int8_dir)
+    _mark(int8_dir, "dynamic_int8")
     float_dir = tmp_path_factory.mktemp("float")
     model.save_pretrained(float_dir)
     g = torch.Generator().manual_seed(1)
@@ -162,7 +178,8 @@ def test_load_int8_reproduces_the_saved_model(models, poison_uninitialized_memor
     assert not torch.equal(out, _logits(models["model"], models["ids"]))
 
 
-def test_load_compressed_prefers_the_int8_file(models):
+def test_load_compressed_reads_dynamic_int8_from_config_yaml(models):
+    assert compressed_quantization(models["int8_dir"]) == "dynamic_int8"
     assert _quantized_linears(load_compressed(models["int8_dir"]))
 
 
@@ -194,3 +211,189 @@ def test_mean_token_kl_is_mean_over_tokens(models):
     # the same sequence twice has the same per-token mean
     assert mean_token_kl(model, qmodel, [seq, seq]) == pytest.approx(single, rel=1e-6)
     assert mean_token_kl(model, qmodel, []) == 0.0
+
+
+# --------------------------------------------------------------------------- int8_weight (weight-only)
+
+# Hand case: row 0 has max |w| = 31.75, so scale = 31.75 / 127 = 0.25 exactly; row 1 is all zero
+# (scale 1, nothing divides by zero); row 2 has max |w| = 12.7, scale 0.1.
+HAND_W = torch.tensor(
+    [
+        [31.75, -10.0, 0.3, 0.0],  # / 0.25 -> 127, -40, 1.2 -> 1, 0
+        [0.0, 0.0, 0.0, 0.0],
+        [-12.7, 5.0, 1.0, -0.04],  # / 0.1 -> -127, 50, 10, -0.4 -> 0
+    ]
+)
+HAND_Q = torch.tensor([[127, -40, 1, 0], [0, 0, 0, 0], [-127, 50, 10, 0]], dtype=torch.int8)
+HAND_SCALE = torch.tensor([0.25, 1.0, 0.1])
+
+
+def test_per_channel_scale_is_row_max_over_127_on_a_hand_case():
+    q, scale = quantize_int8_per_channel(HAND_W)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert scale.shape == (3,)
+    torch.testing.assert_close(scale, HAND_SCALE, rtol=1e-6, atol=0)
+    assert torch.equal(q, HAND_Q)
+    assert q.abs().max() == 127  # the row maximum maps to +-127; -128 is never used (symmetric)
+
+
+def test_round_trip_error_is_at_most_half_a_step_per_row():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 48, generator=g)
+    w[3, 7] = 500.0  # an outlier in one row stretches that row's scale only
+    q, scale = quantize_int8_per_channel(w)
+    torch.testing.assert_close(scale, w.abs().amax(1) / 127)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    others = [r for r in range(16) if r != 3]
+    assert err[others].max() < 3.0 / 127  # |w| < ~5 there: far below row 3's step of 500 / 127
+    assert err[3].max() > err[others].max()
+
+
+def test_layer_output_equals_the_dequantized_matmul():
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.copy_(HAND_W)
+        linear.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
+    layer = Int8WeightOnlyLinear.from_linear(linear)
+    assert torch.equal(layer.qweight, HAND_Q)
+    x = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]])
+    # by hand: 0.25*(127 - 80) + 0.5 = 12.25; 0; 0.1*(-127 + 100) - 1 = -3.7; row 2: 0.25*1+0.5; 0; 0.1*10-1
+    expected = torch.tensor([[12.25, 0.0, -3.7], [0.75, 0.0, 0.0]])
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    dequantized = layer.qweight.float() * layer.scale[:, None]
+    assert torch.equal(layer.dequantize(), dequantized)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, dequantized, layer.bias))
+    no_bias = Int8WeightOnlyLinear.from_linear(nn.Linear(4, 3, bias=False))
+    assert no_bias.bias is None and no_bias(x).shape == (2, 3)
+
+
+def test_weight_only_is_robust_to_an_activation_outlier_that_breaks_dynamic_int8():
+    # SmolLM2's down_proj sees |x| ~ 3100 in one feature of a few tokens. Per-tensor activation
+    # quantization (dynamic_int8) then uses a step of ~3000/127 for the whole batch, rounding every
+    # other token's inputs to zero; weight-only leaves activations alone.
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    x[0, 5] = 3000.0  # one outlier, in token 0
+    ref = linear(x).detach()
+
+    def rel_err_other_tokens(out: torch.Tensor) -> float:
+        return ((out[1:] - ref[1:]).norm() / ref[1:].norm()).item()
+
+    weight_only = rel_err_other_tokens(Int8WeightOnlyLinear.from_linear(linear)(x))
+    dynamic = rel_err_other_tokens(quantize_dynamic_int8(nn.Sequential(linear))(x))
+    assert weight_only < 0.01  # measured 0.004
+    assert dynamic > 0.5  # measured 0.99: the other tokens' outputs are mostly lost
+
+
+@pytest.fixture(scope="module")
+def weight_only(tmp_path_factory) -> dict:
+    model = _tiny_llama()
+    qmodel = quantize_int8_weight(model)
+    out = tmp_path_factory.mktemp("int8_weight")
+    path = save_int8_weight(qmodel, out)
+    model.config.save_pretrained(out)
+    _mark(out, "int8_weight")
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    return {"model": model, "qmodel": qmodel, "dir": out, "path": path, "ids": ids}
+
+
+def test_quantize_int8_weight_replaces_every_linear_and_leaves_the_original(weight_only):
+    model, qmodel = weight_only["model"], weight_only["qmodel"]
+    float_linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert "lm_head" in float_linears
+    assert {n for n, m in qmodel.named_modules() if isinstance(m, Int8WeightOnlyLinear)} == float_linears
+    assert not any(type(m) is nn.Linear for m in qmodel.modules())
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n in float_linears)
+    layer = qmodel.get_submodule("model.layers.0.mlp.down_proj")
+    q, scale = quantize_int8_per_channel(model.get_submodule("model.layers.0.mlp.down_proj").weight)
+    assert torch.equal(layer.qweight, q) and torch.equal(layer.scale, scale)
+
+
+def test_int8_weight_logits_are_close_to_float(weight_only):
+    ref = _logits(weight_only["model"], weight_only["ids"])
+    out = _logits(weight_only["qmodel"], weight_only["ids"])
+    assert not torch.equal(out, ref)
+    assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+    assert mean_token_kl(weight_only["model"], weight_only["qmodel"], weight_only["ids"].tolist()) < 1e-4
+
+
+def test_save_int8_weight_writes_int8_weights_scales_and_no_float_copies(weight_only):
+    tensors = load_file(str(weight_only["path"]))
+    quantized = [n for n, m in weight_only["qmodel"].named_modules() if isinstance(m, Int8WeightOnlyLinear)]
+    for name in quantized:
+        assert tensors[f"{name}.qweight"].dtype == torch.int8
+        assert tensors[f"{name}.scale"].dtype == torch.float32
+        assert tensors[f"{name}.scale"].shape == (tensors[f"{name}.qweight"].shape[0],)
+        assert f"{name}.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    float_dir = Path(weight_only["dir"]) / "float"
+    weight_only["model"].save_pretrained(float_dir)
+    assert weight_only["path"].stat().st_size < dir_size(float_dir)
+
+
+def test_load_compressed_reads_int8_weight_from_config_yaml(weight_only, poison_uninitialized_memory):
+    assert compressed_quantization(weight_only["dir"]) == "int8_weight"
+    loaded = load_compressed(weight_only["dir"])
+    assert not loaded.training
+    for name, module in weight_only["qmodel"].named_modules():
+        if isinstance(module, Int8WeightOnlyLinear):
+            got = loaded.get_submodule(name)
+            assert isinstance(got, Int8WeightOnlyLinear)
+            assert torch.equal(got.qweight, module.qweight) and torch.equal(got.scale, module.scale), name
+    for (name, buf), (_, ref) in zip(
+        loaded.named_buffers(), weight_only["qmodel"].named_buffers(), strict=True
+    ):
+        assert torch.equal(buf, ref), name  # incl. rotary inv_freq, which is not in the file
+    assert torch.equal(
+        _logits(loaded, weight_only["ids"]), _logits(weight_only["qmodel"], weight_only["ids"])
+    )
+
+
+def test_int8_weight_keeps_a_tied_lm_head_tied_and_in_float(tmp_path):
+    model = _tiny_llama(tie_word_embeddings=True)
+    qmodel = quantize_int8_weight(model)
+    assert type(qmodel.lm_head) is nn.Linear
+    assert qmodel.lm_head.weight is qmodel.model.embed_tokens.weight
+    assert isinstance(qmodel.get_submodule("model.layers.0.self_attn.q_proj"), Int8WeightOnlyLinear)
+    save_int8_weight(qmodel, tmp_path)
+    model.config.save_pretrained(tmp_path)
+    assert len([k for k in load_file(str(tmp_path / INT8_FILE)) if k.endswith("embed_tokens.weight")]) <= 1
+    loaded = load_int8_weight(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(_logits(loaded, ids), _logits(qmodel, ids))
+
+
+def test_load_compressed_none_loads_the_merged_model(weight_only, tmp_path):
+    weight_only["model"].save_pretrained(tmp_path / "merged")
+    _mark(tmp_path, "none")
+    loaded = load_compressed(tmp_path)
+    assert not any(isinstance(m, Int8WeightOnlyLinear) for m in loaded.modules())
+    ids = weight_only["ids"]
+    assert torch.equal(_logits(loaded, ids), _logits(weight_only["model"], ids))
+
+
+def test_load_compressed_needs_config_yaml_and_a_matching_file(weight_only, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        load_compressed(tmp_path)  # no sniffing: without config.yaml the format is unknown
+    _mark(tmp_path, "int8_4bit")
+    with pytest.raises(ValueError, match="int8_4bit"):
+        load_compressed(tmp_path)
+    _mark(tmp_path, "int8_weight")
+    with pytest.raises(FileNotFoundError, match=INT8_FILE):
+        load_compressed(tmp_path)
+    # config.yaml and the weights file disagree: an error, not a silent misread
+    with pytest.raises(ValueError, match="dynamic_int8"):
+        load_compressed(weight_only["dir"], "dynamic_int8")
+
+
+def test_load_int8_weight_reports_missing_tensors(weight_only, tmp_path):
+    tensors = load_file(str(weight_only["path"]))
+    del tensors["model.layers.0.mlp.down_proj.scale"]
+    save_file(tensors, str(tmp_path / INT8_FILE), metadata={"format": "posttrain-int8-weight"})
+    weight_only["model"].config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="down_proj.scale"):
+        load_int8_weight(tmp_path)

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from components.config import ConfigError
-from components.data.verifier import TASKS, TaskWorld, make_example, reward, sample_examples, verify
+from components.data.verifier import (
+    TASKS,
+    TaskWorld,
+    make_example,
+    reward,
+    sample_examples,
+    verify,
+    verify_lenient,
+)
 from components.errors import DataError, MissingInputError
 from components.params import IngestConfig
 from tasks.ingest import build_splits
@@ -104,6 +112,105 @@ def test_reward_is_in_unit_interval_and_one_only_when_verified():
         assert (r == 1.0) == verify(a, b)
         if r < 1.0:
             assert r <= 0.5
+
+
+# --------------------------------------------------------------------------- verify_lenient
+
+CAPS = ("Paris", "Rome", "New York", "York", "Rapeba", "Gubu")
+
+
+@pytest.mark.parametrize(
+    ("reply", "reference", "task", "prompt"),
+    [
+        ("109", "109", "add", "add 45 and 64"),
+        ("The answer is 109.", "109", "add", "add 45 and 64"),
+        ("45 + 64 = 109", "109", "add", "add 45 and 64"),  # the operands are echoes of the prompt
+        ("Sure! Adding 45 and 64 gives 109. Anything else?", "109", "add", "add 45 and 64"),
+        ("**109**", "109", "add", "add 45 and 64"),
+        ("109.0", "109", "add", "add 45 and 64"),
+        ("Sure! The capital of Ligete is Rapeba.", "Rapeba", "capital", "capital of Ligete"),
+        ("rapeba", "Rapeba", "capital", "capital of Ligete"),
+        ("It's New York.", "New York", "capital", "capital of X"),  # not also "York"
+        ("The reverse of hello is olleh.", "olleh", "reverse", "reverse hello"),
+        ('"olleh"', "olleh", "reverse", "reverse hello"),
+        ("Olleh!", "olleh", "reverse", "reverse hello"),  # sentence case: the order is the skill
+        ("The reverse of level is level.", "level", "reverse", "reverse level"),  # a palindrome
+        ("The answer is qiq.", "qiq", "reverse", "reverse qiq"),
+        ("Here it is: HELLO", "HELLO", "upper", "uppercase hello"),
+        ("I think it is HELLO.", "HELLO", "upper", "uppercase hello"),  # "I" is one letter
+        ("uppercase hello -> HELLO", "HELLO", "upper", "uppercase hello"),
+    ],
+)
+def test_verify_lenient_accepts_the_answer_inside_a_verbose_reply(reply, reference, task, prompt):
+    assert verify_lenient(reply, reference, task, prompt, CAPS)
+
+
+@pytest.mark.parametrize(
+    ("reply", "reference", "task", "prompt"),
+    [
+        # several candidates: listing answers must not game the metric
+        ("109 or 110", "109", "add", "add 45 and 64"),
+        ("108 109 110 111", "109", "add", "add 45 and 64"),
+        ("The answer is 110, not 109.", "109", "add", "add 45 and 64"),
+        ("Paris or Rome", "Paris", "capital", "capital of X"),
+        ("Rapeba, Gubu", "Rapeba", "capital", "capital of Ligete"),
+        ("olleh ollhe lleho", "olleh", "reverse", "reverse hello"),
+        ("HELLO or HELO", "HELLO", "upper", "uppercase hello"),
+        ("HELLO HELLLO", "HELLO", "upper", "uppercase hello"),
+        # wrong, or only part of a token
+        ("The answer is 110.", "109", "add", "add 45 and 64"),
+        ("-109", "109", "add", "add 45 and 64"),
+        ("1090", "109", "add", "add 45 and 64"),
+        ("a109", "109", "add", "add 45 and 64"),
+        ("Parisian", "Paris", "capital", "capital of X"),
+        ("York", "New York", "capital", "capital of X"),
+        ("ollehs", "olleh", "reverse", "reverse hello"),
+        ("hello", "olleh", "reverse", "reverse hello"),  # the prompt's word, not reversed
+        ("Hello", "HELLO", "upper", "uppercase hello"),  # case is the upper task's skill
+        ("hello", "HELLO", "upper", "uppercase hello"),
+        # only echoes the prompt
+        ("add 45 and 64", "109", "add", "add 45 and 64"),
+        ("uppercase hello", "HELLO", "upper", "uppercase hello"),
+        ("", "109", "add", "add 45 and 64"),
+        # working that names an intermediate number: stricter, by design
+        ("100 + 9 = 109", "109", "add", "add 45 and 64"),
+    ],
+)
+def test_verify_lenient_rejects_wrong_ambiguous_or_gamed_replies(reply, reference, task, prompt):
+    assert not verify_lenient(reply, reference, task, prompt, CAPS)
+
+
+def test_verify_lenient_is_exact_match_for_tasks_it_does_not_know():
+    assert verify_lenient(" answer 1 ", "answer 1", "user", "question")
+    assert not verify_lenient("The answer is answer 1", "answer 1", "user", "question")
+
+
+def test_verify_lenient_never_rejects_an_exact_answer(world):
+    rng = random.Random(11)
+    capitals = [c for _, c in world.facts]
+    for task in TASKS:
+        for _ in range(200):
+            ex = make_example(task, rng, world)
+            assert verify_lenient(ex.answer, ex.answer, task, ex.prompt, capitals)
+            assert verify_lenient(f"The answer is {ex.answer}.", ex.answer, task, ex.prompt, capitals)
+            assert verify_lenient(f" {ex.answer}\n", ex.answer, task, ex.prompt, capitals)
+
+
+def test_verify_lenient_rejects_another_examples_answer(world):
+    rng = random.Random(12)
+    capitals = [c for _, c in world.facts]
+    for task in TASKS:
+        for _ in range(200):
+            ex, other = make_example(task, rng, world), make_example(task, rng, world)
+            if other.answer.lower() == ex.answer.lower():
+                continue
+            assert not verify_lenient(other.answer, ex.answer, task, ex.prompt, capitals)
+            both = f"{ex.answer} or {other.answer}"
+            # a rival of the same kind spoils it, unless it echoes the prompt (an operand) or, for
+            # reverse, is not an anagram of the word (the documented blind spots)
+            echo = other.answer.lower() in ex.prompt.lower().split()
+            if not echo and (task != "reverse" or sorted(other.answer) == sorted(ex.answer)):
+                assert not verify_lenient(both, ex.answer, task, ex.prompt, capitals), both
 
 
 # --------------------------------------------------------------------------- make_example
