@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,10 +42,17 @@ examples:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from components.errors import PosttrainError as UserError
     from components.params import load_params
-    from flows.post_training import post_training
+    from flows.dag import load_stages, topological_order
 
     load_params("params.yaml")  # a bad key fails here in one line, before Prefect starts
+    order = topological_order(load_stages("."))
+    unknown = sorted(set(args.stages or ()) - set(order))
+    if unknown:  # before Prefect's temporary server starts (seconds)
+        raise UserError(f"unknown stage {unknown[0]!r} (stages: {', '.join(order)})")
+
+    from flows.post_training import post_training
 
     outcomes = post_training(repo_dir=".", stages=args.stages, force=args.force, track=not args.no_track)
     stages = {s: o for s, o in outcomes.items() if s != "promote"}
@@ -209,12 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    command = "posttrain"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"posttrain {args.command}"
         code = args.func(args)
+        sys.stdout.flush()
     except PosttrainError as exc:
-        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a params file with several problems: one line each
+            print(f"{command}: error: {line}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `posttrain status | head -2`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -145,3 +146,48 @@ def test_validate_accepts_exponent_floats(tmp_path, capsys):
     path.write_text("sft:\n  learning_rate: 3e-3\nreward_model:\n  learning_rate: 1E-4\n")
     assert _exit_code(["validate", "--params", str(path)]) == 0
     assert capsys.readouterr().out.strip() == f"{path}: ok"
+
+
+def test_unknown_stage_fails_in_one_line_before_prefect_starts(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--stages", "bogus"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "posttrain run: error: unknown stage 'bogus' (stages: base, ingest, sft, preferences, "
+        "reward_model, align, compress, evaluate, rag_index)"
+    ]
+    assert "temporary server" not in proc.stdout + proc.stderr
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, tmp_path):
+    import sys
+
+    from flows import cli
+
+    sink = (tmp_path / "sink").open("w")
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+        def flush(self) -> None:
+            raise BrokenPipeError
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", "--params", str(ROOT / "params.yaml")])
+    assert exit_info.value.code == 0
