@@ -43,8 +43,10 @@ def configure(cfg: TrackingConfig, root: Path | str = ".") -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = cfg.artifact_root
-    if "://" not in location:
+    location: str | None = cfg.artifact_root
+    if cfg.tracking_uri.startswith(("http://", "https://")):
+        location = None  # a tracking server stores (proxies) artifacts itself: --artifacts-destination
+    elif "://" not in location:
         location = (root / location).resolve().as_uri()
     try:
         # MLflow 3 opens an experiment on its GenAI (traces) view unless told it holds training runs
