@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import atomic_dir, describe_output
+from components.artifacts import atomic_dir, describe_output, hash_path
 from components.config import to_dict
 from components.errors import MissingInputError
 from components.models.base_model import build_base, model_source
@@ -51,8 +51,10 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
         )
     write_history_csv(Path(params.paths.plots) / "base_loss.csv", history, ["loss"])
-    if params.tracking.log_models:
-        tracker.log_model(out, name="base")
+    if params.tracking.log_models:  # once per content hash, not once per run
+        from tasks.tracking import log_model_once
+
+        log_model_once(tracker, out, name="base", content_hash=hash_path(out))
     return metrics
 
 

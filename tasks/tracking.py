@@ -146,3 +146,30 @@ def mark_dead_runs(experiment_id: str, status: str = "KILLED") -> list[str]:
         client.set_terminated(run.info.run_id, status=status)
         ended.append(run.info.run_id)
     return ended
+
+
+LOGGED_MODEL_TAG = "posttrain.logged_model_sha256"
+
+
+def log_model_once(tracker: Any, model_dir: Path | str, name: str, content_hash: str) -> str | None:
+    """Log a model unless a run of this experiment already logged the same bytes; that run's id, if so.
+
+    A base model is hundreds of MB for a real LLM: logging it on every re-run of ``base`` (a
+    forced run, a changed key that leaves the weights alike) would fill the artifact store.
+    """
+    if not isinstance(tracker, MlflowTracker):
+        tracker.log_model(model_dir, name=name)
+        return None
+    active = mlflow.active_run()
+    found = MlflowClient().search_runs(
+        [active.info.experiment_id],
+        filter_string=f"tags.`{LOGGED_MODEL_TAG}` = '{content_hash}'",
+        max_results=1,
+    )
+    if found:
+        mlflow.set_tags({"posttrain.model_logged_in_run": found[0].info.run_id})
+        return found[0].info.run_id
+    tracker.log_model(model_dir, name=name)
+    mlflow.set_tags({LOGGED_MODEL_TAG: content_hash})
+    return None
+

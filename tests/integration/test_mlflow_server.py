@@ -126,5 +126,13 @@ def test_pipeline_logs_nests_and_registers_on_a_tracking_server(
     assert list(artifacts.rglob("adapter_model.safetensors")) and not (project / "mlartifacts").exists()
 
     assert decision["promoted"], decision
+
+    # A forced re-run of base writes the same bytes: the model is not logged a second time.
+    run_stage("base", importlib.import_module("tasks.base").run)
+    base_runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "base"]
+    rerun = max(base_runs, key=lambda r: r.info.start_time)
+    assert rerun.data.tags["posttrain.model_logged_in_run"] == children["base"].info.run_id
+    logged = [m for m in client.search_logged_models([experiment]) if m.name == "base"]
+    assert [m.source_run_id for m in logged] == [children["base"].info.run_id]
     version = client.get_model_version_by_alias("posttrain-policy", "champion")
     assert version.version == decision["version"] and version.run_id == children["promote"].info.run_id
