@@ -36,6 +36,7 @@ examples:
   posttrain models                       # registered versions, aliases, held-out metrics
   posttrain runs -n 2                    # the last two pipeline runs side by side
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
+  posttrain deploy --pool p --interval 3600  # same, run by `prefect worker start --pool p`
   posttrain rag ingest docs/ report.pdf  # add documents to the index
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
 """
@@ -128,10 +129,42 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.deploy import serve
+    from flows.deploy import serve  # imports Prefect only once the server URL is known
 
-    serve(cron=args.cron, name=args.name, repo_dir=str(Path(".").resolve()))
+    serve(
+        cron=args.cron,
+        interval=args.interval,
+        name=args.name,
+        repo_dir=str(Path(".").resolve()),
+        stages=args.stages,
+    )
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    deployment_id = deploy(
+        pool=args.pool,
+        cron=args.cron,
+        interval=args.interval,
+        name=args.name,
+        repo_dir=str(Path(".").resolve()),
+        stages=args.stages,
+    )
+    print(f"deployment post-training/{args.name} ({deployment_id}) in work pool {args.pool!r}")
+    print(f"run its flow runs with: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS seconds")
+    p.add_argument("--name", default="posttrain-scheduled", help="deployment name")
+    p.add_argument(
+        "--stages", nargs="+", metavar="STAGE", help="the scheduled runs run only these stages (default: all)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,13 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve the flow on a cron schedule (Prefect deployment)",
-        description="Create a Prefect deployment of the post-training flow with a cron schedule and serve it "
-        "from this process (Ctrl-C stops). Point PREFECT_API_URL at a Prefect server to see it in the UI.",
+        help="run the flow on a cron or interval schedule, from this process",
+        description="Create a Prefect deployment of the post-training flow with a schedule (exactly one of "
+        "--cron and --interval) and run its scheduled flow runs from this process until Ctrl-C. Scheduling "
+        "needs a Prefect server (the ephemeral API cannot schedule): if PREFECT_API_URL is set, that server "
+        "is used (and shows the runs in its UI); otherwise `prefect server start` is started on 127.0.0.1 at "
+        "a free port for the life of this command and stopped on exit. At most one scheduled run executes "
+        "at a time (deployment concurrency limit 1).",
     )
-    serve.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
-    serve.add_argument("--name", default="posttrain-scheduled", help="deployment name")
+    _add_schedule_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="register a scheduled deployment in a process work pool (run it with a Prefect worker)",
+        description="Register the post-training flow (code from this checkout, runs in the current "
+        "directory) as a deployment in the `process` work pool --pool on the Prefect server at "
+        "PREFECT_API_URL (required), creating the pool if missing. Then run "
+        "`prefect worker start --pool NAME` to execute its scheduled runs. Concurrency limit 1.",
+    )
+    deploy.add_argument("--pool", required=True, metavar="NAME", help="process work pool name")
+    _add_schedule_args(deploy)
+    deploy.set_defaults(func=cmd_deploy)
 
     from flows.rag_cli import add_rag_parser
 

@@ -1,0 +1,221 @@
+"""Schedules fire: a served deployment and a work-pool deployment each complete a flow run.
+
+A real ``prefect server`` runs on 127.0.0.1 (free port, temporary PREFECT_HOME); ``posttrain
+serve`` / ``posttrain deploy`` + ``prefect worker`` run as subprocesses in a fresh git + DVC
+project, and the flow runs only the cheap ``ingest`` stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, make_project
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A Prefect server; yields the environment that points a client at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while not _healthy(url):
+        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "prefect server did not come up"
+        time.sleep(0.5)
+    try:
+        yield {**env, "PREFECT_API_URL": url}
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _sh(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("sched") / "repo")
+    root.joinpath("models").mkdir()
+    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
+    _sh(["git", "init", "-q"], root)
+    _sh(["git", "config", "user.email", "t@example.com"], root)
+    _sh(["git", "config", "user.name", "t"], root)
+    _sh([sys.executable, "-m", "dvc", "init", "-q"], root)
+    _sh(["git", "add", "-A"], root)
+    _sh(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+def _wait_for_completed_run(env: dict[str, str], deployment: str, procs: list[subprocess.Popen]) -> float:
+    """Seconds until a flow run of ``deployment`` is COMPLETED; fails on a failed run or dead process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    start = time.monotonic()
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            dep_id = None
+            while time.monotonic() - start < TIMEOUT:
+                for proc in procs:
+                    assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+                if dep_id is None:
+                    try:
+                        dep_id = client.read_deployment_by_name(deployment).id
+                    except Exception:  # not registered yet
+                        time.sleep(1)
+                        continue
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id]))
+                )
+                states = [r.state_type.value for r in runs if r.state_type]
+                assert not {"FAILED", "CRASHED"} & set(states), states
+                if "COMPLETED" in states:
+                    return time.monotonic() - start
+                time.sleep(2)
+    raise AssertionError(f"no COMPLETED run of {deployment} within {TIMEOUT} s (states: {states})")
+
+
+def _deployment(env: dict[str, str], name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            return client.read_deployment_by_name(name)
+
+
+def _popen(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_served_interval_schedule_completes_a_run(server: dict[str, str], project: Path) -> None:
+    log = project.parent / "serve.log"
+    serve = _popen(
+        [str(BIN / "posttrain"), "serve", "--interval", "10", "--stages", "ingest", "--name", "t-serve"],
+        project,
+        server,
+        log,
+    )
+    try:
+        elapsed = _wait_for_completed_run(server, "post-training/t-serve", [serve])
+        print(f"served run completed {elapsed:.0f} s after `posttrain serve` started")
+    except AssertionError:
+        print(log.read_text()[-4000:])
+        raise
+    finally:
+        _stop(serve, signal.SIGINT)  # Ctrl-C
+    assert (project / "data/processed").is_dir()
+    assert "ephemeral" not in log.read_text()
+    deployment = _deployment(server, "post-training/t-serve")
+    assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
+    assert deployment.parameters["stages"] == ["ingest"]
+
+
+def test_work_pool_deployment_runs_on_a_worker(server: dict[str, str], project: Path) -> None:
+    proc = subprocess.run(
+        [str(BIN / "posttrain"), "deploy", "--pool", "p", "--interval", "3600", "--stages", "ingest"],
+        cwd=project,
+        env=server,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "prefect worker start --pool p" in proc.stdout
+    deployment = _deployment(server, "post-training/posttrain-scheduled")
+    assert deployment.work_pool_name == "p"
+    assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        run = run_deployment("post-training/posttrain-scheduled", timeout=0)
+    log = project.parent / "worker.log"
+    worker = _popen([str(BIN / "prefect"), "worker", "start", "--pool", "p"], project, server, log)
+    try:
+        elapsed = _wait_for_completed_run(server, "post-training/posttrain-scheduled", [worker])
+        print(f"worker run {run.id} completed {elapsed:.0f} s after the worker started")
+    except AssertionError:
+        print(log.read_text()[-4000:])
+        raise
+    finally:
+        _stop(worker, signal.SIGINT)
+
+
+def test_serve_without_api_url_starts_and_stops_its_own_server(project: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    env["PYTHONUNBUFFERED"] = "1"
+    log = tmp_path / "serve.log"
+    serve = _popen(
+        [str(BIN / "posttrain"), "serve", "--cron", "0 3 * * *", "--name", "t-own"], project, env, log
+    )
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None or "t-own" not in log.read_text():
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            for line in log.read_text().splitlines():
+                if line.startswith("starting a local Prefect server on "):
+                    url = line.split()[6] + "/api"
+            time.sleep(1)
+        assert _healthy(url)
+    finally:
+        _stop(serve, signal.SIGINT)
+    assert serve.returncode is not None
+    assert not _healthy(url), "the local server outlived `posttrain serve`"
