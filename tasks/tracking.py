@@ -172,4 +172,3 @@ def log_model_once(tracker: Any, model_dir: Path | str, name: str, content_hash:
     tracker.log_model(model_dir, name=name)
     mlflow.set_tags({LOGGED_MODEL_TAG: content_hash})
     return None
-
