@@ -191,8 +191,10 @@ def bench_orchestration(repeats: int) -> list[str]:
         f"| `dvc repro` | {t_dvc:.2f} | 1.0x |",
         "",
         "The difference is a fixed cost per run (mostly starting Prefect's ephemeral API server and "
-        "opening the MLflow parent run), not per stage; with `PREFECT_API_URL` pointing at a running "
-        "Prefect server the server start disappears. Against stage run times of 4-80 s it is noise.",
+        "opening the MLflow parent run; since 2026-12-02 also the promote step, a subprocess that "
+        "checks the registry against the lineage, and the parent run's params/metrics summary), not "
+        "per stage; with `PREFECT_API_URL` pointing at a running Prefect server the server start "
+        "disappears. Against stage run times of 4-80 s it is noise.",
         "",
     ]
 
