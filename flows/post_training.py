@@ -26,6 +26,7 @@ from components.artifacts import keep_uncached_outputs
 from components.errors import PosttrainError
 from components.params import load_params
 from flows.dag import load_stages, topological_order
+from tasks.stage import ERROR_FILE_ENV  # where a stage writes its one-line user error
 
 USER_ERROR_EXIT = 2  # stage commands exit 2 on bad input: retrying cannot help
 
@@ -51,8 +52,6 @@ class StageUserError(StageFailed):
         self.returncode = USER_ERROR_EXIT
         self.message = message
 
-
-ERROR_FILE_ENV = "POSTTRAIN_ERROR_FILE"  # tasks.stage writes a user error's one line there (same name)
 
 # ``python -m dvc`` that dies with the flow: Linux sends it SIGTERM when its parent (this process)
 # dies, even by SIGKILL; it then dies and the stage below it gets the same (``tasks.stage``).

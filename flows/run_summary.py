@@ -9,14 +9,12 @@ git commit and the ``dvc.lock`` hash that pin the lineage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import code_version
 from components.config import flatten, to_dict
 from components.params import load_params
 
@@ -53,19 +51,11 @@ def headline_metrics(repo: Path, decision: dict[str, Any] | None = None) -> dict
     return out
 
 
-def lineage_tags(repo: Path) -> dict[str, str]:
-    lock = repo / "dvc.lock"
-    return {
-        "posttrain.git_commit": code_version(),
-        "posttrain.dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest()
-        if lock.is_file()
-        else "none",
-    }
-
-
 def log_pipeline_summary(repo: Path, decision: dict[str, Any] | None = None) -> None:
     """Log resolved params, headline metrics and lineage tags into the active (parent) MLflow run."""
     import mlflow
+
+    from tasks.tracking import lineage_tags
 
     params = {
         k: ("" if v is None else str(v)[:500])

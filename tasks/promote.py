@@ -19,13 +19,12 @@ repro``) and makes the registry match the lineage, whatever DVC did: ran, skippe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import code_version, hash_path
+from components.artifacts import hash_path
 from components.data.jsonl import read_jsonl
 from components.errors import MissingInputError, PosttrainError
 from components.evaluation.gate import GATE_METRICS, promotion_decision
@@ -93,12 +92,12 @@ def register_candidate(params: Params, client: Any, key: str, results: dict[str,
     if len(mine) != 1:
         raise PosttrainError(f"registry: expected one version of {name} from run {run_id}, found {len(mine)}")
     version = mine[0]
-    lock = Path("dvc.lock")
+    from tasks.tracking import lineage_tags
+
     tags = {
         CANDIDATE_TAG: key,
         SUITE_TAG: results["suite_sha256"],
-        TAG + "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else "none",
-        TAG + "git_commit": code_version(),
+        **lineage_tags(),
         **metric_tags("metric.", results[results["candidate"]]),
         **metric_tags("sft.", results["sft"]),
     }

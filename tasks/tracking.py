@@ -172,3 +172,18 @@ def log_model_once(tracker: Any, model_dir: Path | str, name: str, content_hash:
     tracker.log_model(model_dir, name=name)
     mlflow.set_tags({LOGGED_MODEL_TAG: content_hash})
     return None
+
+
+def lineage_tags(repo: Path | str = ".") -> dict[str, str]:
+    """The git commit and the ``dvc.lock`` hash that pin what a run or a registered version came from."""
+    import hashlib
+
+    from components.artifacts import code_version
+
+    lock = Path(repo) / "dvc.lock"
+    return {
+        "posttrain.git_commit": code_version(),
+        "posttrain.dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest()
+        if lock.is_file()
+        else "none",
+    }

@@ -8,6 +8,8 @@ real Milvus Lite and real DVC on it.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,29 @@ def make_project(dest: Path, corpus_lines: int = 600) -> Path:
     params["tracking"]["log_models"] = False
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 1200, **kw) -> subprocess.CompletedProcess:
+    """Run a command that must succeed; on failure the assertion shows the ends of its output."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def make_repo(dest: Path, remote: Path | None = None) -> Path:
+    """:func:`make_project` as a user's clone: a committed git + DVC repo (with a local remote if given)."""
+    root = make_project(dest)
+    root.joinpath("models").mkdir()
+    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "t@example.com"], root)
+    sh(["git", "config", "user.name", "t"], root)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], root)
+    if remote is not None:
+        sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "init"], root)
+    return root
 
 
 @pytest.fixture

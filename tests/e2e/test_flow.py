@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, make_project
+from tests.conftest import make_repo, sh
 
 pytestmark = pytest.mark.slow
 
@@ -36,25 +36,10 @@ STAGES = [
 ]
 
 
-def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1200, **kw)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("e2e") / "repo")
-    root.joinpath("models").mkdir()
-    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
-    sh(["git", "init", "-q"], root)
-    sh(["git", "config", "user.email", "t@example.com"], root)
-    sh(["git", "config", "user.name", "t"], root)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], root)
-    sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "remote")], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-qm", "init"], root)
-    return root
+    parent = tmp_path_factory.mktemp("e2e")
+    return make_repo(parent / "repo", remote=parent / "remote")
 
 
 def posttrain(repo: Path, *args: str) -> subprocess.CompletedProcess:

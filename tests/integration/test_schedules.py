@@ -8,7 +8,6 @@ project, and the flow runs only the cheap ``ingest`` stage.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, make_project
+from tests.conftest import make_repo
 
 pytestmark = pytest.mark.slow
 
@@ -79,23 +78,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         log.close()
 
 
-def _sh(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("sched") / "repo")
-    root.joinpath("models").mkdir()
-    shutil.copy(ROOT / ".gitignore", root / ".gitignore")
-    _sh(["git", "init", "-q"], root)
-    _sh(["git", "config", "user.email", "t@example.com"], root)
-    _sh(["git", "config", "user.name", "t"], root)
-    _sh([sys.executable, "-m", "dvc", "init", "-q"], root)
-    _sh(["git", "add", "-A"], root)
-    _sh(["git", "commit", "-qm", "init"], root)
-    return root
+    return make_repo(tmp_path_factory.mktemp("sched") / "repo")
 
 
 def _wait_for_completed_run(env: dict[str, str], deployment: str, procs: list[subprocess.Popen]) -> float:
