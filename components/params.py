@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 
 from components.config import ConfigError, NonEmpty, OneOf, Pattern, Range, collect, read_params
 
-# Copies, not imports, of components.data.verifier.TASKS and components.rag.chunking's
+# Copies, not imports, of components.data.verifier.TASKS/PROMPT_STYLES and components.rag.chunking's
 # MAX_CHUNK_CHARACTERS: every stage imports this module, and dvc.yaml lists each stage's imports as
 # its deps (tests/unit/test_lineage.py). tests/unit/test_config.py asserts the copies stay equal.
 TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
+PROMPT_STYLES: tuple[str, ...] = ("terse", "instruct")
 MAX_CHUNK_CHARACTERS = 16_000
 
 # Value types with their ranges; the loader (components.config.build) checks them and names the key.
@@ -159,6 +160,7 @@ class IngestConfig:
     sft_data: str = ""
     preference_data: str = ""
     facts: Text = "data/tasks/facts.csv"
+    prompt_style: Annotated[str, OneOf(PROMPT_STYLES)] = "terse"
     tasks: Annotated[tuple[Annotated[str, OneOf(TASKS)], ...], NonEmpty()] = (
         "add",
         "reverse",

@@ -32,13 +32,15 @@ def build_splits(cfg: IngestConfig) -> dict[str, list[dict[str, Any]]]:
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"ingest.tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
-    world = TaskWorld.load(cfg.facts)
-    eval_prompts = sample_examples(cfg.n_eval_prompts, cfg.tasks, world, seed=cfg.seed + 1)
+    world, style = TaskWorld.load(cfg.facts), cfg.prompt_style
+    eval_prompts = sample_examples(cfg.n_eval_prompts, cfg.tasks, world, seed=cfg.seed + 1, style=style)
     held_out = {ex.prompt for ex in eval_prompts}
-    sft_eval = sample_examples(cfg.n_sft_eval, cfg.tasks, world, seed=cfg.seed + 2, exclude=held_out)
+    sft_eval = sample_examples(
+        cfg.n_sft_eval, cfg.tasks, world, seed=cfg.seed + 2, exclude=held_out, style=style
+    )
     held_out |= {ex.prompt for ex in sft_eval}
     pref_prompts = sample_examples(
-        cfg.n_preference_prompts, cfg.tasks, world, seed=cfg.seed + 3, exclude=held_out
+        cfg.n_preference_prompts, cfg.tasks, world, seed=cfg.seed + 3, exclude=held_out, style=style
     )
     if cfg.sft_data:
         records = load_sft_file(cfg.sft_data)
@@ -46,7 +48,9 @@ def build_splits(cfg: IngestConfig) -> dict[str, list[dict[str, Any]]]:
         n_eval = len(records) // 10  # 10% held out for eval loss; none for fewer than 10 records
         sft_train, sft_eval_records = records[n_eval:], records[:n_eval]
     else:
-        train = sample_examples(cfg.n_sft_train, cfg.tasks, world, seed=cfg.seed + 4, exclude=held_out)
+        train = sample_examples(
+            cfg.n_sft_train, cfg.tasks, world, seed=cfg.seed + 4, exclude=held_out, style=style
+        )
         sft_train = [{"messages": ex.messages(), "task": ex.task} for ex in train]
         sft_eval_records = [{"messages": ex.messages(), "task": ex.task} for ex in sft_eval]
     out = {

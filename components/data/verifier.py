@@ -66,25 +66,48 @@ class TaskWorld:
         return cls(words=words, facts=tuple(facts))
 
 
-def make_example(task: str, rng: random.Random, world: TaskWorld) -> Example:
-    """Draw one example of ``task``."""
+# How each task is asked. ``terse`` is the tiny model's own format (it learns it from scratch);
+# ``instruct`` is how one asks a pretrained chat model, with the answer format spelled out, so
+# that a real instruct model's zero-shot row measures the skill and not the phrasing.
+PROMPTS: dict[str, dict[str, str]] = {
+    "terse": {
+        "add": "add {a} and {b}",
+        "reverse": "reverse {word}",
+        "upper": "uppercase {word}",
+        "capital": "capital of {country}",
+    },
+    "instruct": {
+        "add": "What is {a} + {b}? Answer with the number only.",
+        "reverse": 'Spell the word "{word}" backwards. Answer with the reversed word only.',
+        "upper": 'Write the word "{word}" in capital letters. Answer with that word only.',
+        "capital": "What is the capital of {country}? Answer with the city name only.",
+    },
+}
+PROMPT_STYLES: tuple[str, ...] = tuple(PROMPTS)
+
+
+def make_example(task: str, rng: random.Random, world: TaskWorld, style: str = "terse") -> Example:
+    """Draw one example of ``task``, asked in prompt ``style`` (a key of :data:`PROMPTS`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    template = PROMPTS[style][task]
     if task == "add":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return Example(f"add {a} and {b}", str(a + b), task)
-    if task == "reverse":
-        w = rng.choice(world.words)
-        return Example(f"reverse {w}", w[::-1], task)
-    if task == "upper":
-        w = rng.choice(world.words)
-        return Example(f"uppercase {w}", w.upper(), task)
+        return Example(template.format(a=a, b=b), str(a + b), task)
     if task == "capital":
         country, capital = rng.choice(world.facts)
-        return Example(f"capital of {country}", capital, task)
-    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        return Example(template.format(country=country), capital, task)
+    word = rng.choice(world.words)
+    return Example(template.format(word=word), word[::-1] if task == "reverse" else word.upper(), task)
 
 
 def sample_examples(
-    n: int, tasks: Sequence[str], world: TaskWorld, seed: int, exclude: set[str] | None = None
+    n: int,
+    tasks: Sequence[str],
+    world: TaskWorld,
+    seed: int,
+    exclude: set[str] | None = None,
+    style: str = "terse",
 ) -> list[Example]:
     """``n`` examples cycling through ``tasks``; prompts in ``exclude`` are skipped (held-out splits)."""
     rng = random.Random(seed)
@@ -92,7 +115,7 @@ def sample_examples(
     out: list[Example] = []
     attempts = 0
     while len(out) < n:
-        ex = make_example(tasks[len(out) % len(tasks)], rng, world)
+        ex = make_example(tasks[len(out) % len(tasks)], rng, world, style)
         attempts += 1
         # Repeats are allowed within a split. Capitals are a closed-book lookup over a fixed
         # 40-row table that the policy is meant to memorise, so only they may recur across splits.

@@ -790,10 +790,11 @@ def test_dpo_loss_types_are_the_ones_trl_documents():
 
 def test_ingest_tasks_are_the_verifier_tasks():
     from components import params
-    from components.data.verifier import TASKS
+    from components.data.verifier import PROMPT_STYLES, TASKS
     from components.rag.chunking import MAX_CHUNK_CHARACTERS
 
     assert params.TASKS == TASKS  # a copy (see components/params.py for why it is not imported)
+    assert params.PROMPT_STYLES == PROMPT_STYLES
     assert params.MAX_CHUNK_CHARACTERS == MAX_CHUNK_CHARACTERS
     assert set(IngestConfig().tasks) <= set(TASKS)
     for task in TASKS:

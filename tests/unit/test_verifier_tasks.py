@@ -474,3 +474,23 @@ def test_build_splits_user_preference_data(tmp_path):
     bad.write_text(json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
     with pytest.raises(DataError, match="^" + re.escape(f"{bad}:1: ")):
         build_splits(_cfg(preference_data=str(bad)))
+
+
+# --------------------------------------------------------------------------- prompt styles
+@pytest.mark.parametrize("task", TASKS)
+def test_instruct_prompts_ask_the_same_question_with_the_same_answer(task, world):
+    terse = make_example(task, random.Random(3), world, "terse")
+    instruct = make_example(task, random.Random(3), world, "instruct")
+    assert instruct.answer == terse.answer and instruct.task == task
+    assert instruct.prompt != terse.prompt and instruct.prompt.endswith("only.")
+    # the instruct prompt still carries the operand(s) the terse one names
+    operands = terse.prompt.split(" ", 2)[-1] if task != "add" else terse.prompt[4:]
+    for part in operands.replace(" and ", " ").replace("of ", "").split():
+        assert part in instruct.prompt
+
+
+def test_real_task_world_is_real_capitals_and_common_words():
+    real = TaskWorld.load(ROOT / "data/tasks/real/facts.csv")
+    assert ("France", "Paris") in real.facts and len(real.facts) == 40
+    assert len(real.words) == 800 and {"ability", "account"} <= set(real.words)
+    assert all(w.isalpha() and w.islower() and w != w[::-1] for w in real.words)
