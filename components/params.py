@@ -19,6 +19,7 @@ from components.config import ConfigError, NonEmpty, OneOf, Pattern, Range, coll
 # its deps (tests/unit/test_lineage.py). tests/unit/test_config.py asserts the copies stay equal.
 TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
 PROMPT_STYLES: tuple[str, ...] = ("terse", "instruct")
+LOG_MODELS: tuple[str, ...] = ("none", "adapters", "all")  # tracking.log_models, smallest first
 MAX_CHUNK_CHARACTERS = 16_000
 
 # Value types with their ranges; the loader (components.config.build) checks them and names the key.
@@ -96,7 +97,19 @@ class TrackingConfig:
     artifact_root: Text = "mlartifacts"
     experiment: Text = "posttrain"
     registered_model: Text = "posttrain-policy"
-    log_models: bool = True
+    log_models: Annotated[str, OneOf(LOG_MODELS)] = "all"
+
+    def logs_model(self, model_dir: Path | str) -> bool:
+        """Whether a stage logs the model in ``model_dir`` under ``log_models``.
+
+        ``all``: every model (base once per content hash, adapters, the reward model, every
+        registered candidate); ``adapters``: only PEFT adapters (a directory with
+        ``adapter_config.json``), and the registry gets a candidate only when the gate promotes
+        it; ``none``: no model files and no registry.
+        """
+        if self.log_models == "all":
+            return True
+        return self.log_models == "adapters" and (Path(model_dir) / "adapter_config.json").is_file()
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,7 @@ class SFTConfig:
     max_length: Count = 64
     warmup_steps: NonNegativeInt = 20
     lr_scheduler: Annotated[str, OneOf(LR_SCHEDULERS)] = "cosine"
+    padding_free: bool = False  # TRL padding-free batches: no pad tokens, the same loss
     seed: Seed = 0
     peft: PeftConfig = field(default_factory=PeftConfig)
 

@@ -30,6 +30,8 @@ examples:
   posttrain run                          # everything stale, in DAG order
   posttrain run --stages sft evaluate    # just these (upstream must be up to date)
   posttrain run --force --stages align   # re-run even if DVC says it is up to date
+  posttrain run --profile smollm2-135m   # the real bundled model (2 CPU cores, ~30 min)
+  posttrain profile tiny                 # back to the tiny defaults (params.yaml edited in place)
   posttrain status                       # what a run would execute, and why
   posttrain validate                     # check params.yaml against the typed configs
   posttrain promote                      # champion/challenger gate (after a plain dvc repro)
@@ -47,7 +49,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from components.params import load_params
     from flows.dag import load_stages, topological_order
 
-    load_params("params.yaml")  # a bad key fails here in one line, before Prefect starts
+    if args.profile:
+        from flows.profiles import apply_profile, format_changes
+
+        print(format_changes(args.profile, apply_profile(args.profile)))
+    params = load_params("params.yaml")  # a bad key fails here in one line, before Prefect starts
+    _sync_model_dep(params.base.model)
     order = topological_order(load_stages("."))
     unknown = sorted(set(args.stages or ()) - set(order))
     if unknown:  # before Prefect's temporary server starts (seconds)
@@ -62,9 +69,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_model_dep(model: str) -> None:
+    from flows.model_dep import sync_model_dep
+
+    if message := sync_model_dep(model):
+        print(message)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from components.params import load_params
     from flows.dag import descendants, load_stages, topological_order
     from flows.post_training import changed_stages
+
+    _sync_model_dep(load_params("params.yaml").base.model)
 
     stages = load_stages(".")
     changed = changed_stages(Path("."))
@@ -89,6 +106,22 @@ def _describe(reason: object) -> str:
             for kind, what in reason.items()
         )
     return str(reason)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from flows.profiles import apply_profile, format_changes, matching_profiles, shipped_profiles
+
+    if args.name:
+        print(format_changes(args.name, apply_profile(args.name)))
+        return 0
+    active = set(matching_profiles())
+    profiles = shipped_profiles()
+    width = max(len(n) for n in profiles)
+    for name, prof in sorted(profiles.items()):
+        mark = "*" if name in active else " "
+        print(f"{mark} {name:<{width}}  {len(prof.values):>3} keys  {prof.summary}")
+    print("(* = params.yaml holds every value of that profile)")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -187,7 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-track", action="store_true", help="no parent MLflow run (stages still log their own)"
     )
+    run.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="first write profile NAME into params.yaml (see `posttrain profile`), then run",
+    )
     run.set_defaults(func=cmd_run)
+
+    profile = sub.add_parser(
+        "profile",
+        help="list the params profiles, or apply one to params.yaml",
+        description="A profile (profiles/NAME.yaml) holds the params that differ for another model or "
+        "machine: smollm2-135m runs the bundled SmolLM2-135M-Instruct on 2 CPU cores, gpu sizes it "
+        "for one CUDA GPU, and the built-in tiny puts every key the profiles touch back to the "
+        "defaults. Applying one edits params.yaml in place (comments kept), so dvc.lock records what "
+        "ran and only the stages whose keys changed re-run. With no NAME: list them, marking the "
+        "ones params.yaml already holds.",
+    )
+    profile.add_argument("name", nargs="?", metavar="NAME", help="profile to apply")
+    profile.set_defaults(func=cmd_profile)
 
     status = sub.add_parser(
         "status",

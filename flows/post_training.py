@@ -228,7 +228,7 @@ def post_training(
     """Run the DAG (or the named stages, in DAG order), then the champion/challenger gate.
 
     Returns ``{stage: ran|restored|skipped}`` plus ``promote: promoted|not promoted`` when the
-    gate ran (whenever ``evaluate`` is selected and ``tracking.log_models`` is on).
+    gate ran (whenever ``evaluate`` is selected and ``tracking.log_models`` is not ``none``).
     """
     _quiet_user_errors()
     repo = Path(repo_dir).resolve()

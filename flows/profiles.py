@@ -17,7 +17,9 @@ named by file and dotted key.
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,11 +122,47 @@ def apply_profile(
         raise ConfigError(*(f"{PROFILES_DIR}/{name}.yaml: {p}" for p in exc.problems)) from None
     buffer = io.StringIO()
     rt.dump(tree, buffer)
+    text = _restore_section_comments(path.read_text(), buffer.getvalue())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
-        fh.write(buffer.getvalue())
+        fh.write(text)
     os.replace(tmp, path)
     return changes
+
+
+def _section_comments(text: str) -> dict[str, list[str]]:
+    """The comment block right above each top-level key: ``{"sft": ["# sft: ..."], ...}``."""
+    blocks: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            pending.append(line)
+            continue
+        match = re.match(r"([A-Za-z_][\w-]*):", line)
+        if match:
+            blocks[match.group(1)] = pending
+        if line.strip() or match:
+            pending = []
+    return blocks
+
+
+def _restore_section_comments(original: str, dumped: str) -> str:
+    """Put back the comment headers of top-level sections that a round trip dropped.
+
+    ruamel keeps a comment that follows a block sequence on the sequence's last item, so
+    replacing that sequence (``modules_to_save: [...]`` -> ``[]``) would drop the header of
+    the next section.
+    """
+    want = _section_comments(original)
+    out: list[str] = []
+    for line in dumped.splitlines():
+        match = re.match(r"([A-Za-z_][\w-]*):", line)
+        if match and want.get(match.group(1)):
+            trailing = len(list(itertools.takewhile(lambda ln: ln.startswith("#"), reversed(out))))
+            if out[len(out) - trailing :] != want[match.group(1)]:
+                out[len(out) - trailing :] = want[match.group(1)]
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def format_changes(

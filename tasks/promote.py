@@ -10,8 +10,10 @@ repro``) and makes the registry match the lineage, whatever DVC did: ran, skippe
    ``evaluate`` output recorded in its manifest (a stale evaluation is refused).
 2. A candidate is registered once: the version tagged with that hash is reused, otherwise the
    merged policy is logged in a new run and the version is found by that run's id, never as
-   "the newest". Versions carry the ``dvc.lock`` hash, the git commit, the suite fingerprint and
-   the key held-out metrics as tags.
+   "the newest". Under ``tracking.log_models: adapters`` only a candidate that passes the gate
+   is registered (real models: one full copy per champion, not one per run). Versions carry
+   the ``dvc.lock`` hash, the git commit, the suite fingerprint and the key held-out metrics
+   as tags.
 3. The champion's scores come from its tags when the suite is unchanged; otherwise the
    champion is re-scored from the registry on today's suite.
 4. :func:`components.evaluation.gate.promotion_decision` decides; only a pass moves the alias.
@@ -77,14 +79,18 @@ def _versions(client: Any, name: str) -> list[Any]:
         return []
 
 
+def registered_candidate(client: Any, name: str, key: str) -> Any | None:
+    """The registry version already holding the candidate with content hash ``key``, if any."""
+    return next((v for v in _versions(client, name) if v.tags.get(CANDIDATE_TAG) == key), None)
+
+
 def register_candidate(params: Params, client: Any, key: str, results: dict[str, Any], tracker: Any) -> Any:
-    """The registry version of this candidate: found by its hash tag, else registered by this run."""
+    """Log the merged candidate in this run and register it; the version is found by this run's id."""
     import mlflow
 
+    from tasks.tracking import lineage_tags
+
     name = params.tracking.registered_model
-    for version in _versions(client, name):
-        if version.tags.get(CANDIDATE_TAG) == key:
-            return version
     merged = Path(params.paths.compressed_model) / "merged"
     tracker.log_model(merged, name="policy", registered_name=name)
     run_id = mlflow.active_run().info.run_id
@@ -92,8 +98,6 @@ def register_candidate(params: Params, client: Any, key: str, results: dict[str,
     if len(mine) != 1:
         raise PosttrainError(f"registry: expected one version of {name} from run {run_id}, found {len(mine)}")
     version = mine[0]
-    from tasks.tracking import lineage_tags
-
     tags = {
         CANDIDATE_TAG: key,
         SUITE_TAG: results["suite_sha256"],
@@ -122,21 +126,28 @@ def rescore(params: Params, version: Any) -> dict[str, Any]:
 
 
 def promote(params: Params, tracker: Any) -> dict[str, Any]:
-    """Register the candidate, compare it with SFT and the champion, move the alias on a pass."""
+    """Compare the candidate with SFT and the champion; register it and move the alias on a pass.
+
+    Under ``tracking.log_models: all`` every candidate is registered (a failed one too, tagged
+    ``promoted=false``); under ``adapters`` only one that passes, so the registry holds one full
+    model per champion rather than one per run.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     cfg, name = params.evaluate, params.tracking.registered_model
     key, results = evaluated_candidate(params)
     client = MlflowClient()
-    version = register_candidate(params, client, key, results, tracker)
+    version = registered_candidate(client, name, key)
+    if version is None and params.tracking.log_models == "all":
+        version = register_candidate(params, client, key, results, tracker)
     try:
         champion = client.get_model_version_by_alias(name, cfg.promotion_alias)
     except MlflowException:
         champion = None
     candidate_metrics = results[results["candidate"]]
     champion_metrics, source = None, "none"
-    if champion is not None and champion.version == version.version:
+    if champion is not None and version is not None and champion.version == version.version:
         promote_it, reason, source = (
             True,
             f"version {version.version} already holds @{cfg.promotion_alias}",
@@ -156,15 +167,18 @@ def promote(params: Params, tracker: Any) -> dict[str, Any]:
             champion_metrics,
             cfg.promotion_max_accuracy_drop,
         )
-        if promote_it:
-            client.set_registered_model_alias(name, cfg.promotion_alias, version.version)
-        client.set_model_version_tag(name, version.version, TAG + "promoted", str(promote_it).lower())
-        client.set_model_version_tag(name, version.version, TAG + "gate_reason", reason)
+        if promote_it and version is None:  # log_models: adapters registers winners only
+            version = register_candidate(params, client, key, results, tracker)
+        if version is not None:
+            if promote_it:
+                client.set_registered_model_alias(name, cfg.promotion_alias, version.version)
+            client.set_model_version_tag(name, version.version, TAG + "promoted", str(promote_it).lower())
+            client.set_model_version_tag(name, version.version, TAG + "gate_reason", reason)
     decision = {
         "promoted": promote_it,
         "reason": reason,
-        "version": str(version.version),
-        "run_id": version.run_id,
+        "version": None if version is None else str(version.version),
+        "run_id": None if version is None else version.run_id,
         "champion_before": None if champion is None else str(champion.version),
         "champion_metrics_source": source,
         "metric": cfg.promotion_metric,
@@ -184,8 +198,8 @@ def main() -> None:
 
     try:
         params = load_params("params.yaml")
-        if not params.tracking.log_models:
-            print("posttrain promote: skipped (tracking.log_models is false: nothing is registered)")
+        if params.tracking.log_models == "none":
+            print("posttrain promote: skipped (tracking.log_models is none: nothing is registered)")
             return
         with stage_run("promote", params.tracking) as tracker:
             decision = promote(params, tracker)
@@ -194,7 +208,9 @@ def main() -> None:
         sys.exit(2)
     verdict = "promoted" if decision["promoted"] else "not promoted"
     alias = params.evaluate.promotion_alias
-    print(f"posttrain promote: version {decision['version']} {verdict} to @{alias}: {decision['reason']}")
+    version = decision["version"]
+    what = "the candidate (not registered)" if version is None else f"version {version}"
+    print(f"posttrain promote: {what} {verdict} to @{alias}: {decision['reason']}")
     print(json.dumps(decision, sort_keys=True))
 
 

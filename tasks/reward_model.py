@@ -47,7 +47,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             inputs={"sft_model": policy, "preferences": prefs},
         )
     write_history_csv(Path(params.paths.plots) / "reward_model_loss.csv", history, ["loss", "eval_loss"])
-    if params.tracking.log_models:  # adapters/heads are small: the files themselves are the model
+    if params.tracking.logs_model(params.paths.reward_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.reward_model, artifact_path="model")
     return metrics
 

@@ -49,7 +49,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             inputs={"base_model": base, "train": processed / "sft_train.jsonl"},
         )
     write_history_csv(Path(params.paths.plots) / "sft_loss.csv", history, ["loss", "eval_loss"])
-    if params.tracking.log_models:  # adapters/heads are small: the files themselves are the model
+    if params.tracking.logs_model(params.paths.sft_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.sft_model, artifact_path="model")
     return metrics
 

@@ -74,7 +74,7 @@ def make_project(dest: Path, corpus_lines: int = 600) -> Path:
     lines = (ROOT / "data/corpus/pretrain.txt").read_text().splitlines()[:corpus_lines]
     (dest / "data/corpus/pretrain.txt").write_text("\n".join(lines) + "\n")
     params = tiny_params()
-    params["tracking"]["log_models"] = False
+    params["tracking"]["log_models"] = "none"
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 

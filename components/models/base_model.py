@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.models import bundled, tiny
@@ -12,17 +13,23 @@ from components.models.loading import load_causal_lm, load_tokenizer
 from components.params import BaseConfig
 
 
-def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give a tokenizer without a chat template ours (adding its role tokens), so SFT can mask turns."""
+def ensure_chat_template(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Give a tokenizer without a chat template ours (adding its role tokens), so SFT can mask turns.
+
+    Returns the ids of the tokens added to the vocabulary (their embedding rows are new and
+    untrained: SFT trains exactly those rows, see :func:`components.peft.adapters.lora_config`).
+    """
     if tokenizer.chat_template:
-        return
-    added = tokenizer.add_special_tokens({"additional_special_tokens": list(tiny.ROLE_TOKENS)})
+        return []
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tiny.ROLE_TOKENS)})
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": tiny.EOS})
         tokenizer.pad_token = tokenizer.pad_token or tiny.EOS
     tokenizer.chat_template = tiny.CHAT_TEMPLATE.replace("<|end|>", tokenizer.eos_token)
-    if added:
+    if len(tokenizer) > before:
         model.resize_token_embeddings(len(tokenizer))
+    return list(range(before, len(tokenizer)))
 
 
 def model_source(model: str) -> Path | None:
@@ -35,17 +42,45 @@ def model_source(model: str) -> Path | None:
     return path if path.exists() else None
 
 
-def build_base(cfg: BaseConfig, corpus: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for ``cfg.model``: the tiny model untrained, or a loaded model with a template.
+def build_base(
+    cfg: BaseConfig, corpus: Sequence[str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[int]]:
+    """(model, tokenizer, ids of tokens added to its vocabulary) for ``cfg.model``.
 
-    The tiny model is pretrained afterwards by :func:`components.training.pretrain.pretrain`. A
-    bundled name (:data:`components.models.bundled.BUNDLED`) loads its cached conversion.
+    The tiny model comes untrained (its vocabulary is all new, and trained from scratch by
+    :func:`components.training.pretrain.pretrain`: no ids are reported). A bundled name
+    (:data:`components.models.bundled.BUNDLED`) loads its cached conversion.
     """
     if cfg.model == "tiny":
         tokenizer = tiny.build_tokenizer(corpus, cfg.vocab_size)
-        return tiny.build_model(cfg, tokenizer), tokenizer
+        return tiny.build_model(cfg, tokenizer), tokenizer, []
     source = bundled.resolve(cfg.model) if bundled.is_bundled(cfg.model) else cfg.model
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
-    ensure_chat_template(model, tokenizer)
-    return model, tokenizer
+    return model, tokenizer, ensure_chat_template(model, tokenizer)
+
+
+def local_model_dir(model: str, repo_dir: Path | str = ".") -> str | None:
+    """The dep path of a local ``base.model`` directory: repo-relative inside the repo, else absolute."""
+    if model == "tiny" or bundled.is_bundled(model) or not Path(model).is_dir():
+        return None
+    path, repo = Path(model).resolve(), Path(repo_dir).resolve()
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
+
+
+def _base_deps(repo_dir: Path | str) -> list[str]:
+    stages = yaml.safe_load((Path(repo_dir) / "dvc.yaml").read_text()).get("stages", {})
+    deps = stages.get("base", {}).get("deps", [])
+    return [next(iter(d)) if isinstance(d, dict) else d for d in deps]
+
+
+def missing_model_dep(model: str, repo_dir: Path | str = ".") -> str | None:
+    """A one-line problem when ``base.model`` is a local directory that ``dvc.yaml`` does not list."""
+    wanted = local_model_dir(model, repo_dir)
+    if wanted is None or wanted in _base_deps(repo_dir):
+        return None
+    return (
+        f"base.model: {model} is a local directory but not a dep of the base stage in dvc.yaml, so "
+        f"changing its files would not re-run base; add `- {wanted}` under stages.base.deps "
+        "(`posttrain run` does this for you)"
+    )

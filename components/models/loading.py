@@ -13,6 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from components.errors import MissingInputError
 
+# Written by the ``base`` stage next to the weights: ids it added to the vocabulary (untrained rows).
+NEW_TOKENS_FILE = "posttrain_new_tokens.json"
+
 
 def require_dir(path: Path | str, what: str) -> Path:
     """Fail with one clear line when an input model/data directory is missing."""

@@ -10,12 +10,13 @@ quantization error into the update; we never do).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from components.models.loading import load_causal_lm, require_dir
+from components.models.loading import NEW_TOKENS_FILE, load_causal_lm, require_dir
 from components.params import PeftConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,16 +26,46 @@ def is_adapter(path: Path | str) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def lora_config(cfg: PeftConfig, task_type: str = "CAUSAL_LM") -> LoraConfig | None:
-    """The PEFT config for ``cfg`` (``None`` for a full fine-tune)."""
+def new_token_ids(base_dir: Path | str) -> list[int]:
+    """Ids the ``base`` stage added to the vocabulary of ``base_dir`` (role tokens for a model without
+    a chat template): their embedding rows start untrained."""
+    path = Path(base_dir) / NEW_TOKENS_FILE
+    return json.loads(path.read_text())["token_ids"] if path.is_file() else []
+
+
+def lora_config(
+    cfg: PeftConfig, task_type: str = "CAUSAL_LM", new_tokens: Sequence[int] = (), tied: bool = False
+) -> LoraConfig | None:
+    """The PEFT config for ``cfg`` (``None`` for a full fine-tune).
+
+    ``new_tokens``: rows of the input embedding that are new (:func:`new_token_ids`), which LoRA
+    alone would leave untrained. Unless ``modules_to_save`` already trains the embedding:
+
+    - untied embeddings: exactly those rows train (PEFT's ``trainable_token_indices``), so the
+      embedding stays frozen and the adapter small (the new tokens are role markers, only ever
+      inputs: their output rows need no training);
+    - tied embeddings (``tied``): the whole input embedding trains (``modules_to_save``, kept
+      tied), because PEFT then wraps the output layer too, and TRL 1.16's SFT loss reads the
+      output layer's plain ``weight`` (its fused, chunked LM head), which a trainable-tokens
+      wrapper does not carry.
+    """
     if cfg.method == "none":
         return None
+    modules = list(cfg.modules_to_save)
+    rows = None
+    if new_tokens and "embed_tokens" not in modules:
+        if tied:
+            modules.append("embed_tokens")
+        else:
+            rows = {"embed_tokens": list(new_tokens)}
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=modules or None,
+        trainable_token_indices=rows,
+        ensure_weight_tying=tied and bool(modules),
         task_type=task_type,
     )
 

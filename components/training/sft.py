@@ -26,7 +26,7 @@ from trl import SFTTrainer
 from components.errors import PosttrainError
 from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, SFTConfig
-from components.peft.adapters import load_policy, lora_config, save_policy
+from components.peft.adapters import load_policy, lora_config, new_token_ids, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
@@ -56,8 +56,12 @@ def completion_example(
     messages: Sequence[dict[str, Any]],
     stop_ids: set[int],
     model_name: str = "",
+    max_length: int | None = None,
 ) -> dict[str, list[int]]:
     """``input_ids`` of the conversation and a ``completion_mask`` of exactly reply + end-of-turn token.
+
+    ``max_length`` truncates both from the end, as TRL's ``truncation_mode="keep_start"`` would
+    (done here so padded and padding-free batches see the very same tokens).
 
     Raises :class:`ChatTemplateError` (one line, naming ``base.model``) when the template does not
     render the prompt as a prefix of the conversation, or ends the reply with no stop token.
@@ -82,7 +86,7 @@ def completion_example(
         )
     n_loss = ends[-1] + 1
     mask = [0] * len(prompt_ids) + [1] * n_loss + [0] * (len(tail) - n_loss)
-    return {"input_ids": ids, "completion_mask": mask}
+    return {"input_ids": ids[:max_length], "completion_mask": mask[:max_length]}
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> set[int]:
@@ -99,10 +103,11 @@ def completion_dataset(
     records: Sequence[dict[str, Any]],
     stop_ids: set[int],
     model_name: str = "",
+    max_length: int | None = None,
 ) -> Dataset:
     """Tokenized prompt-completion examples (TRL takes them as is: ``input_ids`` present)."""
     return Dataset.from_list(
-        [completion_example(tokenizer, r["messages"], stop_ids, model_name) for r in records]
+        [completion_example(tokenizer, r["messages"], stop_ids, model_name, max_length) for r in records]
     )
 
 
@@ -124,8 +129,10 @@ def train_sft(
     tokenizer = load_tokenizer(base_dir)
     model = load_policy(base_dir)
     stop_ids = stop_token_ids(tokenizer, model)
-    train_dataset = completion_dataset(tokenizer, train_records, stop_ids, model_name)
-    eval_dataset = completion_dataset(tokenizer, eval_records, stop_ids, model_name) if eval_records else None
+    train_dataset, eval_dataset = (
+        completion_dataset(tokenizer, records, stop_ids, model_name, cfg.max_length) if records else None
+        for records in (train_records, eval_records)
+    )
     common = trainer_args(
         work_dir,
         seed=cfg.seed,
@@ -138,7 +145,9 @@ def train_sft(
     )
     args = TRLSFTConfig(
         **common,
-        max_length=cfg.max_length,
+        # already truncated above; TRL refuses max_length with padding-free batches and no packing
+        max_length=None if cfg.padding_free else cfg.max_length,
+        padding_free=cfg.padding_free,
         completion_only_loss=True,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
@@ -150,7 +159,9 @@ def train_sft(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.peft),
+        peft_config=lora_config(
+            cfg.peft, new_tokens=new_token_ids(base_dir), tied=bool(model.config.tie_word_embeddings)
+        ),
         callbacks=[callback],
     )
     trainer.train()

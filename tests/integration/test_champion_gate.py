@@ -7,7 +7,9 @@ follow, as ``dvc repro`` would:
 2. ``align`` at a collapsing learning rate, with a changed suite: not promoted, the champion
    is re-scored from the registry, and ``models:/posttrain-policy@champion`` still loads v1;
 3. ``align`` at learning rate 0 with another seed (a new candidate, as good as SFT): promoted,
-   and the alias points at the version its own run registered.
+   and the alias points at the version its own run registered;
+4. under ``tracking.log_models: adapters``, a collapse is not registered at all, and the next
+   winner is registered only once it has passed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory):
     root = make_project(tmp_path_factory.mktemp("gate") / "project")
-    edit(root, {"tracking": {"log_models": True}, "compress": {"quantization": "none"}})
+    edit(root, {"tracking": {"log_models": "all"}, "compress": {"quantization": "none"}})
     edit(root, {"evaluate": {"promotion_metric": "reward_mean"}, "align": {"dpo": {"learning_rate": 0.0}}})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -124,3 +126,16 @@ def test_gate_keeps_the_best_model(project: Path) -> None:
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:4]}
     assert [rows[v][1:3] for v in ("1", "2", "3")] == [["-", "true"], ["-", "false"], ["@champion", "true"]]
     assert "below sft" in " ".join(rows["2"])
+
+    # log_models: adapters: the registry gets a full copy only of a candidate that wins.
+    edit(
+        project, {"tracking": {"log_models": "adapters"}, "align": {"seed": 2, "dpo": {"learning_rate": 1.0}}}
+    )
+    loser = candidate_round()
+    assert not loser["promoted"] and loser["version"] is None, loser
+    assert len(client.search_model_versions("name='posttrain-policy'")) == 3 and champion() == "3"
+    edit(project, {"align": {"seed": 3, "dpo": {"learning_rate": 0.0}}})
+    winner = candidate_round()
+    assert winner["promoted"] and winner["champion_before"] == "3", winner
+    assert champion() == winner["version"] == "4"
+    assert client.get_model_version("posttrain-policy", "4").tags["posttrain.promoted"] == "true"

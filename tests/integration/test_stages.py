@@ -212,7 +212,7 @@ def test_base_is_deterministic(project: Path, tmp_path: Path) -> None:
     corpus = [x for x in Path(cfg.corpus).read_text().splitlines() if x]
     from components.training.pretrain import pretrain
 
-    model, tokenizer = build_base(cfg, corpus)
+    model, tokenizer, _ = build_base(cfg, corpus)
     pretrain(model, tokenizer, corpus, cfg, RecordingTracker(), tmp_path / "work")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, first[name]), name
