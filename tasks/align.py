@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
@@ -12,7 +11,7 @@ from components.data.jsonl import read_jsonl
 from components.models.loading import require_dir
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import final_values, write_history_csv
+from components.training.callbacks import final_values, write_history_plots
 from components.training.dpo import train_dpo
 from tasks.stage import stage_command
 
@@ -41,7 +40,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
             inputs={"sft_model": policy, "preferences": prefs},
         )
-    write_history_csv(Path(params.paths.plots) / "align_loss.csv", history, ["loss", "eval_loss"])
+    write_history_plots(params.paths.plots, "align", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.aligned_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.aligned_model, artifact_path="model")
     return metrics

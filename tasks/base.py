@@ -15,7 +15,7 @@ from components.models.base_model import build_base, missing_model_dep, model_so
 from components.models.loading import NEW_TOKENS_FILE, param_count, save_model
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import write_history_csv
+from components.training.callbacks import write_history_plots
 from components.training.pretrain import pretrain
 from tasks.stage import DVC_STAGE_ENV, stage_command
 
@@ -58,7 +58,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             seed=cfg.seed,
             metrics=metrics,
         )
-    write_history_csv(Path(params.paths.plots) / "base_loss.csv", history, ["loss"])
+    write_history_plots(params.paths.plots, "base", history, ["loss"], tracker)
     if params.tracking.logs_model(out):  # full weights (only under `all`), once per content hash
         from tasks.tracking import log_model_once
 

@@ -2,7 +2,7 @@
 
 Writes ``metrics/evaluate.json`` (``{"base": {...}, "sft": ..., "aligned": ..., "compressed": ...}``
 plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft``, the suite's fingerprint and the
-candidate-vs-SFT half of the gate), ``plots/evaluate_accuracy.csv`` and every greedy answer
+candidate-vs-SFT half of the gate), ``plots/evaluate_accuracy.csv`` (+ ``.png``) and every greedy answer
 (``paths.evaluation``/answers.json). The candidate is what would be deployed: the compressed
 model, which is the merged model when ``compress.quantization: none``.
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
+from components.charts import bar_chart
 from components.compression.quantize import load_compressed, mean_token_kl
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
@@ -38,6 +39,7 @@ MODEL_DIRS = {
     "reward_model": "reward_model",
 }
 CANDIDATE = "compressed"
+CHART_METRICS = ("accuracy", "lenient_accuracy", "sampled_accuracy", "reward_mean")
 
 
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
@@ -72,11 +74,14 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     results["candidate_vs_sft"] = {"passed": passed, "reason": reason, "metric": cfg.promotion_metric}
     plots = Path(paths.plots) / "evaluate_accuracy.csv"
     plots.parent.mkdir(parents=True, exist_ok=True)
-    rows = ["model,accuracy,sampled_accuracy,reward_mean"] + [
-        f"{m},{results[m]['accuracy']},{results[m]['sampled_accuracy']},{results[m]['reward_mean']}"
-        for m in loaders
+    rows = [",".join(["model", *CHART_METRICS])] + [
+        ",".join([m, *(str(results[m][k]) for k in CHART_METRICS)]) for m in loaders
     ]
     plots.write_text("\n".join(rows) + "\n")
+    chart = bar_chart(
+        plots.with_suffix(".png"), {m: results[m] for m in loaders}, CHART_METRICS, "held-out suite by model"
+    )
+    tracker.log_artifact(chart, artifact_path="plots")
     with atomic_dir(paths.evaluation) as tmp:
         (tmp / "answers.json").write_text(json.dumps(answers, indent=1) + "\n")
         describe_output(

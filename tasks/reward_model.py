@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
@@ -13,7 +12,7 @@ from components.distributed import is_main_process
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import write_history_csv
+from components.training.callbacks import write_history_plots
 from components.training.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
 from tasks.stage import stage_command
 
@@ -46,7 +45,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
             inputs={"sft_model": policy, "preferences": prefs},
         )
-    write_history_csv(Path(params.paths.plots) / "reward_model_loss.csv", history, ["loss", "eval_loss"])
+    write_history_plots(params.paths.plots, "reward_model", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.reward_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.reward_model, artifact_path="model")
     return metrics

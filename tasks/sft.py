@@ -12,7 +12,7 @@ from components.data.jsonl import read_jsonl
 from components.models.loading import require_dir
 from components.params import Params
 from components.tracking import Tracker
-from components.training.callbacks import final_values, write_history_csv
+from components.training.callbacks import final_values, write_history_plots
 from components.training.sft import train_sft
 from tasks.stage import stage_command
 
@@ -48,7 +48,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
             inputs={"base_model": base, "train": processed / "sft_train.jsonl"},
         )
-    write_history_csv(Path(params.paths.plots) / "sft_loss.csv", history, ["loss", "eval_loss"])
+    write_history_plots(params.paths.plots, "sft", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.sft_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.sft_model, artifact_path="model")
     return metrics

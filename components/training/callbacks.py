@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback, set_seed
 
+from components.charts import loss_chart
 from components.distributed import is_main_process, resolve_compute
 from components.params import ComputeConfig
 from components.tracking import Tracker
@@ -107,21 +108,36 @@ def final_values(history: list[dict[str, float]], keys: tuple[str, ...]) -> dict
     return out
 
 
-def write_history_csv(path: Path | str, history: Sequence[dict[str, float]], columns: Sequence[str]) -> None:
-    """Write ``step`` plus ``columns`` from a trainer history as a CSV that ``dvc plots`` reads.
+def write_history_plots(
+    plots_dir: Path | str,
+    stage: str,
+    history: Sequence[dict[str, float]],
+    columns: Sequence[str],
+    tracker: Tracker | None = None,
+) -> list[Path]:
+    """Write a trainer history as ``dvc plots`` CSVs and one PNG; the files written.
 
-    Rows without any of the columns (e.g. the final ``train_runtime`` summary) are dropped.
-    Only rank 0 writes (every DDP rank holds the same, already averaged, history).
+    One CSV per column, ``<stage>_<column>.csv`` (``step,<column>``, only the steps that logged
+    it: ``loss`` per logging step, ``eval_loss`` per epoch; a shared CSV would leave empty
+    cells that DVC's vega charts draw as zeros), and ``<stage>_loss.png`` with every column on
+    one chart (:func:`components.charts.loss_chart`), which is also logged to ``tracker``
+    under ``plots/``. Only rank 0 writes (every DDP rank holds the same, averaged, history).
     """
     if not is_main_process():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in history if any(c in r for c in columns)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", *columns])
-        for row in rows:
-            writer.writerow([int(row["step"]), *(row.get(c, "") for c in columns)])
-    tmp.replace(path)
+        return []
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for column in columns:
+        path = plots_dir / f"{stage}_{column}.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", column])
+            writer.writerows([int(row["step"]), row[column]] for row in history if column in row)
+        tmp.replace(path)
+        written.append(path)
+    png = loss_chart(plots_dir / f"{stage}_loss.png", history, columns, title=f"{stage} loss")
+    if tracker is not None:
+        tracker.log_artifact(png, artifact_path="plots")
+    return [*written, png]

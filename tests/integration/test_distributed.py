@@ -88,11 +88,11 @@ def test_atomic_dir_on_a_non_zero_rank_keeps_rank_0s_output(tmp_path: Path, rank
     assert (target / "weights.bin").read_text() == "rank 0"
 
 
-def test_history_csv_is_written_by_rank_0_only(tmp_path: Path, rank1: None) -> None:
-    from components.training.callbacks import write_history_csv
+def test_history_plots_are_written_by_rank_0_only(tmp_path: Path, rank1: None) -> None:
+    from components.training.callbacks import write_history_plots
 
-    write_history_csv(tmp_path / "loss.csv", [{"step": 1.0, "loss": 2.0}], ["loss"])
-    assert not (tmp_path / "loss.csv").exists()
+    assert write_history_plots(tmp_path, "sft", [{"step": 1.0, "loss": 2.0}], ["loss"]) == []
+    assert not list(tmp_path.iterdir())
 
 
 def test_run_stage_on_a_non_zero_rank_opens_no_run_and_writes_no_metrics(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from components.params import load_params
 from components.tracking import RecordingTracker
-from tests.conftest import make_project
+from tests.conftest import TINY_OVERRIDES, make_project
 from tests.integration import golden_values as golden
 
 pytestmark = pytest.mark.slow
@@ -239,7 +239,14 @@ def test_sft_trains_a_lora_adapter_that_changes_the_model(
     assert_golden(metrics, golden.SFT)
     assert tracker.series("sft/loss")[-1] == metrics["final_loss"]
     assert tracker.series("sft/eval_loss")[-1] == metrics["eval_loss"]
-    assert (project / "plots/sft_loss.csv").read_text().startswith("step,loss")
+    loss_rows = (project / "plots/sft_loss.csv").read_text().splitlines()
+    eval_rows = (project / "plots/sft_eval_loss.csv").read_text().splitlines()
+    assert loss_rows[0] == "step,loss" and eval_rows[0] == "step,eval_loss"
+    assert len(eval_rows) == 1 + TINY_OVERRIDES["sft"]["epochs"]  # one eval per epoch, no empty cells
+    assert float(eval_rows[-1].split(",")[1]) == metrics["eval_loss"]
+    assert float(loss_rows[-1].split(",")[1]) == metrics["final_loss"]
+    assert (project / "plots/sft_loss.png").read_bytes().startswith(b"\x89PNG")
+    assert ("plots/sft_loss.png", "plots") in tracker.artifacts  # also in the stage's MLflow run
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "models/base"
     assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"]), "bytes must not vary"
