@@ -349,6 +349,8 @@ class RagIndexConfig:
     chunk_overlap: NonNegativeInt = 50
     top_k: Count = 5
     mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    # unstructured's `languages` (ISO 639-3): named = no per-document detection; ["auto"] = detect
+    languages: Annotated[tuple[Annotated[str, NonEmpty()], ...], NonEmpty()] = ("eng",)
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
         if self.chunk_overlap >= self.chunk_max_characters:

@@ -38,6 +38,7 @@ examples:
   posttrain models                       # registered versions, aliases, held-out metrics
   posttrain runs -n 2                    # the last two pipeline runs side by side
   posttrain plots                        # loss curves + evaluation, one offline HTML page
+  posttrain metrics evaluate             # the evaluation as a model x metric table
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
   posttrain deploy --pool p --interval 3600  # same, run by `prefect worker start --pool p`
   posttrain rag ingest docs/ report.pdf  # add documents to the index
@@ -48,7 +49,7 @@ examples:
 def cmd_run(args: argparse.Namespace) -> int:
     from components.errors import PosttrainError as UserError
     from components.params import load_params
-    from flows.dag import load_stages, topological_order
+    from flows.dag import changed_stages, load_stages, topological_order
 
     if args.profile:
         from flows.profiles import apply_profile, format_changes
@@ -60,6 +61,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.stages or ()) - set(order))
     if unknown:  # before Prefect's temporary server starts (seconds)
         raise UserError(f"unknown stage {unknown[0]!r} (stages: {', '.join(order)})")
+    selected = [s for s in order if not args.stages or s in args.stages]
+    if not args.force and not changed_stages(Path("."), selected):  # ask DVC before starting Prefect
+        print(f"0 stage(s) executed, {len(selected)} up to date (nothing changed: Prefect not started)")
+        from tasks.promote import promotion_is_current
+
+        gate = "evaluate" in selected and params.tracking.log_models != "none"
+        if gate and not promotion_is_current(params):
+            return cmd_promote(args)  # the registry follows the lineage (e.g. after a plain dvc repro)
+        return 0
 
     from flows.post_training import post_training
 
@@ -79,8 +89,7 @@ def _sync_model_dep(model: str) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from components.params import load_params
-    from flows.dag import descendants, load_stages, topological_order
-    from flows.post_training import changed_stages
+    from flows.dag import changed_stages, descendants, load_stages, topological_order
 
     _sync_model_dep(load_params("params.yaml").base.model)
 
@@ -122,6 +131,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         mark = "*" if name in active else " "
         print(f"{mark} {name:<{width}}  {len(prof.values):>3} keys  {prof.summary}")
     print("(* = params.yaml holds every value of that profile)")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from flows.dag import load_stages, topological_order
+    from flows.metrics_view import render
+
+    print(render("metrics", args.stages or (), order=topological_order(load_stages("."))), end="")
     return 0
 
 
@@ -255,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         "changed, or when a stage upstream of it is stale.",
     )
     status.set_defaults(func=cmd_status)
+
+    metrics = sub.add_parser(
+        "metrics",
+        help="every stage's metrics as narrow tables (the evaluation as model x metric)",
+        description="Read metrics/<stage>.json (what `dvc metrics show` reads) and print one table per "
+        "stage: the evaluation as a model-by-metric table with per-task accuracy, the other stages as "
+        "dotted key/value lists. `dvc metrics diff` still compares against the last commit.",
+    )
+    metrics.add_argument("stages", nargs="*", metavar="STAGE", help="only these stages")
+    metrics.set_defaults(func=cmd_metrics)
 
     plots = sub.add_parser(
         "plots",

@@ -63,3 +63,12 @@ def descendants(stages: dict[str, dict[str, Any]], roots: set[str]) -> set[str]:
                 found.add(name)
                 changed = True
     return found
+
+
+def changed_stages(repo_dir: Path | str, stages: list[str] | None = None) -> dict[str, Any]:
+    """In-process ``dvc status`` of the given stages (all when None): {stage: reasons} of the changed ones."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        status = repo.status(targets=stages) if stages else repo.status()
+    return {name.split(":")[-1]: reasons for name, reasons in status.items()}

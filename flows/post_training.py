@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from components.artifacts import keep_uncached_outputs
 from components.errors import PosttrainError
 from components.params import load_params
-from flows.dag import load_stages, topological_order
+from flows.dag import changed_stages, load_stages, topological_order
 from tasks.stage import ERROR_FILE_ENV  # where a stage writes its one-line user error
 
 USER_ERROR_EXIT = 2  # stage commands exit 2 on bad input: retrying cannot help
@@ -93,15 +93,6 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     else:
         env.pop("POSTTRAIN_PARENT_RUN_ID", None)
     return env
-
-
-def changed_stages(repo_dir: Path, stages: list[str] | None = None) -> dict[str, Any]:
-    """In-process ``dvc status`` of the given stages (all when None): {stage: reasons} of the changed ones."""
-    from dvc.repo import Repo
-
-    with Repo(str(repo_dir)) as repo:
-        status = repo.status(targets=stages) if stages else repo.status()
-    return {name.split(":")[-1]: reasons for name, reasons in status.items()}
 
 
 def _not_user_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature

@@ -179,6 +179,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             embedder,
             max_characters=cfg.chunk_max_characters,
             overlap=cfg.chunk_overlap,
+            languages=cfg.languages,
             progress=not args.quiet,
         )
         total = store.count()

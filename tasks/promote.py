@@ -192,6 +192,36 @@ def promote(params: Params, tracker: Any) -> dict[str, Any]:
     return decision
 
 
+LAST_PROMOTION = Path(".dvc/tmp/posttrain-last-promotion.json")  # what the last gate decided on
+
+
+def _promotion_key(params: Params, candidate: str) -> dict[str, Any]:
+    """Everything a gate decision depends on besides the registry itself."""
+    cfg, tracking = params.evaluate, params.tracking
+    return {
+        "candidate": candidate,
+        "tracking_uri": tracking.tracking_uri,
+        "registered_model": tracking.registered_model,
+        "log_models": tracking.log_models,
+        "alias": cfg.promotion_alias,
+        "metric": cfg.promotion_metric,
+        "max_drop": cfg.promotion_max_accuracy_drop,
+    }
+
+
+def promotion_is_current(params: Params) -> bool:
+    """Whether the last ``promote`` in this checkout decided on this very candidate and gate.
+
+    Lets a no-op ``posttrain run`` skip the gate (and MLflow's start-up) when nothing changed;
+    reads the candidate hash evaluate recorded, no model is hashed.
+    """
+    manifest = Path(params.paths.evaluation) / "manifest.json"
+    if not LAST_PROMOTION.is_file() or not manifest.is_file():
+        return False
+    candidate = json.loads(manifest.read_text())["inputs"].get("compressed")
+    return json.loads(LAST_PROMOTION.read_text()) == _promotion_key(params, candidate)
+
+
 def main() -> None:
     """``python -m tasks.promote``: one MLflow run (nested under the flow's), one line of outcome."""
     from tasks.tracking import stage_run
@@ -203,6 +233,9 @@ def main() -> None:
             return
         with stage_run("promote", params.tracking) as tracker:
             decision = promote(params, tracker)
+        if LAST_PROMOTION.parent.is_dir():
+            key = _promotion_key(params, evaluated_candidate(params)[0])
+            LAST_PROMOTION.write_text(json.dumps(key, sort_keys=True) + "\n")
     except PosttrainError as exc:
         print(f"posttrain promote: error: {exc}", file=sys.stderr)
         sys.exit(2)

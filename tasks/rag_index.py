@@ -61,6 +61,7 @@ def _build(cfg: RagIndexConfig, store: RagStore) -> IngestReport:
         embedder,
         max_characters=cfg.chunk_max_characters,
         overlap=cfg.chunk_overlap,
+        languages=cfg.languages,
         progress=True,
     )
     if report.n_documents == 0:

@@ -13,7 +13,7 @@ from typing import Any
 
 from components.rag.chunking import Chunk, chunk_elements, validate_chunking
 from components.rag.embedding import Embedder
-from components.rag.parsing import Skipped, parse_documents
+from components.rag.parsing import DEFAULT_LANGUAGES, Skipped, parse_documents
 from components.rag.store import Hit, RagStore, SearchMode
 
 
@@ -51,6 +51,7 @@ def ingest(
     overlap: int = 50,
     batch_size: int = 32,
     progress: bool = False,
+    languages: Sequence[str] = DEFAULT_LANGUAGES,
 ) -> IngestReport:
     """Index files and folders into ``store``; a file already indexed is replaced, not duplicated.
 
@@ -60,7 +61,7 @@ def ingest(
     """
     validate_chunking(max_characters, overlap)
     store.ensure_collection(embedder.dim)
-    parsed = parse_documents(paths)
+    parsed = parse_documents(paths, languages, progress=progress)
     report = IngestReport(skipped=list(parsed.skipped))
     per_doc: list[tuple[str, list[Chunk]]] = []
     for doc in parsed.documents:

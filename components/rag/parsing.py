@@ -37,6 +37,8 @@ CONTENT_TYPES: dict[str, str] = {
     ".txt": "text/plain",
 }
 SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(sorted(CONTENT_TYPES))
+DEFAULT_LANGUAGES: tuple[str, ...] = ("eng",)  # named languages: unstructured detects none
+PARALLEL_MIN_BYTES = 1 << 20  # below 1 MB of input, spawning parse workers costs more than it saves
 
 # Loggers that print a warning per broken PDF ("invalid pdf header", "EOF marker not found");
 # the skip reason already says it, so they are quieted while partitioning.
@@ -168,20 +170,23 @@ def _empty_reason(ext: str) -> str:
     return "no text extracted: the file is empty or has no readable content"
 
 
-def partition_file(source: str) -> list[Any]:
+def partition_file(source: str, languages: Sequence[str] = DEFAULT_LANGUAGES) -> list[Any]:
     """Partition one supported file; raises ``ValueError`` with a reason when it yields nothing.
 
     PDFs use ``strategy="fast"`` (pdfminer text extraction): ``hi_res`` needs a layout model
-    from the Hub, which is not available offline.
+    from the Hub, which is not available offline. ``languages`` is handed to unstructured:
+    naming them (``["eng"]``, the default) skips its per-document language detection, which is
+    more than half of the time on a large text file (measured: 41 s -> 17 s on 0.9 MB);
+    ``["auto"]`` turns detection back on.
     """
     from unstructured.partition.auto import partition
 
     ensure_spacy_model()
     ext = Path(source).suffix.lower()
     _check_container(source, ext)
-    kwargs: dict[str, Any] = {"content_type": CONTENT_TYPES[ext]}
+    kwargs: dict[str, Any] = {"content_type": CONTENT_TYPES[ext], "languages": list(languages)}
     if ext == ".pdf":
-        kwargs.update(strategy="fast", languages=["eng"])
+        kwargs.update(strategy="fast")
     with _quiet_loggers():
         elements = partition(filename=source, **kwargs)
     elements = [e for e in elements if (getattr(e, "text", "") or "").strip()]
@@ -190,25 +195,77 @@ def partition_file(source: str) -> list[Any]:
     return elements
 
 
-def parse_documents(paths: Sequence[str | os.PathLike[str]]) -> ParseResult:
+def _parse_one(source: str, languages: Sequence[str]) -> ParsedDocument | Skipped:
+    """One file as a document or a skip; only an install problem (:class:`PosttrainError`) raises."""
+    try:
+        return ParsedDocument(source, partition_file(source, languages))
+    except PosttrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure skips this one file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Skipped(source, reason)
+
+
+def parse_workers(files: Sequence[str], workers: int | None = None) -> int:
+    """How many processes parse ``files``: one per core, and one in all for a small batch.
+
+    A worker is a fresh interpreter (spawned: forking a process that holds torch threads or a
+    gRPC channel is unsafe) that imports unstructured and loads spaCy, about 3 s, so parallel
+    parsing pays only from :data:`PARALLEL_MIN_BYTES` of input on.
+    """
+    if workers is not None:
+        return max(1, min(workers, len(files)))
+    total = sum(os.path.getsize(f) for f in files)
+    if len(files) < 2 or total < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(len(files), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def parse_documents(
+    paths: Sequence[str | os.PathLike[str]],
+    languages: Sequence[str] = DEFAULT_LANGUAGES,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+) -> ParseResult:
     """Parse every supported file under ``paths``; failures become :class:`Skipped`, never raise.
 
-    Only :class:`PosttrainError` (an install problem such as the missing spaCy model, or a path
-    that does not exist) propagates: those affect every file, so skipping would hide them.
+    Files are parsed in parallel (:func:`parse_workers`), largest first so no worker is left
+    with the one big file at the end, with a progress bar per file when ``progress``; the result
+    is in file order, whatever finished first. Only :class:`PosttrainError` (an install problem
+    such as the missing spaCy model, or a path that does not exist) propagates: those affect
+    every file, so skipping would hide them.
     """
+    from tqdm import tqdm
+
     files, skipped = collect_files(paths)
     result = ParseResult(skipped=list(skipped))
     if files:
         ensure_spacy_model()
+    n_workers = parse_workers(files, workers)
+    bar = tqdm(total=len(files), desc="parsing", unit="file", disable=not progress or not files)
+    outcomes: dict[str, ParsedDocument | Skipped] = {}
+    if n_workers == 1:
+        for source in files:
+            outcomes[source] = _parse_one(source, languages)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+            by_size = sorted(files, key=lambda f: -os.path.getsize(f))
+            futures = {pool.submit(_parse_one, source, tuple(languages)): source for source in by_size}
+            for future in as_completed(futures):
+                outcomes[futures[future]] = future.result()
+                bar.update()
+    bar.close()
     for source in files:
-        try:
-            elements = partition_file(source)
-        except PosttrainError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any parser failure skips this one file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            result.skipped.append(Skipped(source, reason))
-            continue
-        result.documents.append(ParsedDocument(source, elements))
+        outcome = outcomes[source]
+        if isinstance(outcome, Skipped):
+            result.skipped.append(outcome)
+        else:
+            result.documents.append(outcome)
     result.skipped.sort(key=lambda s: s.source)
     return result

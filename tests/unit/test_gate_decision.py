@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,29 @@ def test_suite_fingerprint_ignores_gate_settings_but_not_scoring_settings():
     assert suite_fingerprint(records, gate_only) == base
     assert suite_fingerprint(records, dataclasses.replace(cfg, n_samples=3)) != base
     assert suite_fingerprint([{**records[0], "answer": "4"}], cfg) != base
+
+
+def test_a_noop_run_skips_the_gate_only_when_it_decided_on_this_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from components.params import Params
+    from tasks.promote import LAST_PROMOTION, _promotion_key, promotion_is_current
+
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    manifest = Path(params.paths.evaluation) / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"inputs": {"compressed": "abc"}}))
+    assert not promotion_is_current(params)  # never promoted here
+    LAST_PROMOTION.parent.mkdir(parents=True)
+    LAST_PROMOTION.write_text(json.dumps(_promotion_key(params, "abc")))
+    assert promotion_is_current(params)
+    manifest.write_text(json.dumps({"inputs": {"compressed": "def"}}))  # a new candidate
+    assert not promotion_is_current(params)
+    manifest.write_text(json.dumps({"inputs": {"compressed": "abc"}}))
+    stricter = dataclasses.replace(
+        params, evaluate=dataclasses.replace(params.evaluate, promotion_metric="reward_mean")
+    )
+    assert not promotion_is_current(stricter)  # the gate itself changed

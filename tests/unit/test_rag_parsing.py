@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,35 @@ def test_chunking_follows_headings():
 def test_bad_chunk_sizes_fail_clearly(max_chars, overlap):
     with pytest.raises(PosttrainError, match="rag_index.chunk_"):
         validate_chunking(max_chars, overlap)
+
+
+@pytest.mark.slow
+def test_parallel_parsing_gives_the_same_documents_in_file_order(tmp_path):
+    """Two spawned workers parse what one process parses, skips included, in collect_files order."""
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs)
+    (docs / "broken.pdf").write_bytes(b"not a pdf at all")
+    serial = parse_documents([docs], workers=1)
+    parallel = parse_documents([docs], workers=2)
+    assert [d.source for d in parallel.documents] == [d.source for d in serial.documents]
+    assert [d.source for d in serial.documents] == sorted(d.source for d in serial.documents)
+    for a, b in zip(serial.documents, parallel.documents, strict=True):
+        assert [e.text for e in a.elements] == [e.text for e in b.elements]
+    assert parallel.skipped == serial.skipped and [s.source for s in serial.skipped] == [
+        str(docs / "broken.pdf")
+    ]
+
+
+def test_parse_workers_are_one_per_core_and_one_for_a_small_batch(tmp_path, monkeypatch):
+    from components.rag import parsing
+
+    small = [str(DOCS / n) for n in ("visitor-faq.txt", "travel-guide.md")]
+    assert parsing.parse_workers(small) == 1  # a few KB: spawning would cost more than it saves
+    big = []
+    for i in range(3):
+        path = tmp_path / f"big{i}.txt"
+        path.write_text("word " * (parsing.PARALLEL_MIN_BYTES // 10))
+        big.append(str(path))
+    monkeypatch.setattr(parsing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert parsing.parse_workers(big) == 2 and parsing.parse_workers(big[:1]) == 1
+    assert parsing.parse_workers(big, workers=8) == 3
