@@ -24,6 +24,9 @@ OFFLINE_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": "2",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    # gRPC's C core logs to stderr by itself; on long Milvus Lite sessions that is a stream of
+    # "GOAWAY ... too_many_pings" lines. pymilvus raises real RPC errors as exceptions anyway.
+    "GRPC_VERBOSITY": "NONE",
 }
 
 

@@ -10,7 +10,9 @@ A tiny workload (16 SFT examples, 2 optimizer steps of 8, LoRA r=8 on every proj
   trained replies under the SFT policy is below the base model's (training loss falls too);
 - the merge is exact: the PEFT model and ``merge_and_unload`` give the same logits, and the
   tied input/output embeddings are still one tensor after the merge (in PEFT's merge and in
-  :func:`components.peft.adapters.load_policy`, the one every later stage uses).
+  :func:`components.peft.adapters.load_policy`, the one every later stage uses);
+- the verifier reads answers out of the base model's verbose zero-shot replies (capitals asked
+  the instruct way: exact match 0, lenient at least half).
 
 The first run on a machine converts the GGUF once (about 30-60 s, cached under
 ``~/.cache/posttrain``); later runs take 1-2 minutes on 2 cores (with TRL's default gradient
@@ -48,11 +50,13 @@ N_TRAIN = 16
 def _configure(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["base"]["model"] = MODEL
-    params["ingest"] |= {
+    params["ingest"] |= {  # the smollm2-135m profile's task world: real capitals, instruct prompts
+        "facts": "data/tasks/real/facts.csv",
+        "prompt_style": "instruct",
         "n_sft_train": N_TRAIN,
         "n_sft_eval": 4,
         "n_preference_prompts": 8,
-        "n_eval_prompts": 8,
+        "n_eval_prompts": 16,
     }
     params["sft"] |= {
         "epochs": 1,
@@ -215,3 +219,27 @@ def test_merge_is_exact_and_keeps_embeddings_tied(
     assert torch.equal(merged.argmax(-1), unmerged.argmax(-1))
     for model in (merged_model, load_policy(project / "models/sft")):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_the_verifier_reads_answers_inside_the_base_models_verbose_replies(
+    run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero-shot, the instruct model answers capitals in a sentence ("The capital of France is
+    Paris."): exact match scores it 0, the lenient metric finds the answer (and never a wrong one)."""
+    import dataclasses
+
+    from components.evaluation.suite import evaluate_policy
+
+    project = run["project"]
+    monkeypatch.chdir(project)
+    records = [r for r in read_jsonl(project / "data/processed/eval_prompts.jsonl") if r["task"] == "capital"]
+    assert records and all(r["prompt"].startswith("What is the capital of") for r in records)
+    cfg = dataclasses.replace(load_params("params.yaml").evaluate, max_new_tokens=16, n_samples=1)
+    metrics, answers = evaluate_policy(
+        load_policy(project / "models/base"), load_tokenizer(project / "models/base"), records, cfg
+    )
+    print("base on capitals:", [a["output"] for a in answers])
+    assert metrics["accuracy"] == 0.0  # verbose replies never match exactly
+    assert metrics["lenient_accuracy"] >= 0.5, answers
+    hits = [a for a in answers if a["answer"].lower() in a["output"].lower()]
+    assert metrics["lenient_accuracy"] <= len(hits) / len(answers)  # it accepted only replies naming it

@@ -11,7 +11,20 @@ import pytest
 from flows.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "status", "serve", "rag", "validate", "promote", "models", "runs")
+COMMANDS = (
+    "run",
+    "status",
+    "profile",
+    "serve",
+    "deploy",
+    "rag",
+    "validate",
+    "promote",
+    "models",
+    "runs",
+    "metrics",
+    "plots",
+)
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -55,7 +68,8 @@ def test_run_arguments_parse():
     args = build_parser().parse_args(["run", "--stages", "sft", "evaluate", "--force", "--no-track"])
     assert (args.command, args.stages, args.force, args.no_track) == ("run", ["sft", "evaluate"], True, True)
     args = build_parser().parse_args(["run"])
-    assert (args.stages, args.force, args.no_track) == (None, False, False)
+    assert (args.stages, args.force, args.no_track, args.profile) == (None, False, False, None)
+    assert build_parser().parse_args(["run", "--profile", "smollm2-135m"]).profile == "smollm2-135m"
 
 
 def test_validate_ok_on_shipped_params(capsys):
