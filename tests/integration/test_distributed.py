@@ -193,6 +193,12 @@ def test_a_user_error_in_the_workers_exits_2_with_one_line(tiny_project: Path) -
     assert errors == [proc.stderr.strip().splitlines()[-1]]  # one line, printed last, by the parent
     assert "models/base" in errors[0] and "base model not found" in errors[0]
     assert not (tiny_project / "models/sft").exists()
-    if (tiny_project / "mlflow.db").exists():
-        _, runs = _stage_runs(tiny_project, "sft")
-        assert all(r.info.status != "RUNNING" for r in runs)  # rank 0's run ended, did not dangle
+    db = tiny_project / "mlflow.db"
+    if db.exists():  # rank 0's run ended, did not dangle (read with sqlite3: rank 0 may have been
+        # stopped while MLflow was still creating its tables, which MLflow's own client cannot open)
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            statuses = [r[0] for r in conn.execute("SELECT status FROM runs")] if "runs" in tables else []
+        assert "RUNNING" not in statuses
