@@ -7,7 +7,7 @@ there (``tiny`` or a bundled name is not a path), so the entry is kept in sync i
 ``posttrain run`` and ``posttrain status`` add the directory to ``stages.base.deps`` (marked
 with a comment) and drop an entry they added for a previous ``base.model``. A plain ``dvc
 repro`` with a directory that is not listed fails in ``base`` with one line that says so
-(:func:`components.models.base_model.missing_model_dep`), rather than silently tracking nothing.
+(:func:`components.models.local.missing_model_dep`), rather than silently tracking nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from components.models.base_model import local_model_dir
+from components.models.local import local_model_dir
 
 MARK = "base.model (kept in sync by posttrain)"
 

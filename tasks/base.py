@@ -11,8 +11,9 @@ from typing import Any
 from components.artifacts import atomic_dir, describe_output, hash_path
 from components.config import ConfigError, to_dict
 from components.errors import MissingInputError
-from components.models.base_model import build_base, missing_model_dep, model_source
+from components.models.base_model import build_base, model_source
 from components.models.loading import NEW_TOKENS_FILE, param_count, save_model
+from components.models.local import missing_model_dep
 from components.params import Params
 from components.tracking import Tracker
 from components.training.callbacks import write_history_plots

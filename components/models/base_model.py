@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.models import bundled, tiny
@@ -58,29 +57,3 @@ def build_base(
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
     return model, tokenizer, ensure_chat_template(model, tokenizer)
-
-
-def local_model_dir(model: str, repo_dir: Path | str = ".") -> str | None:
-    """The dep path of a local ``base.model`` directory: repo-relative inside the repo, else absolute."""
-    if model == "tiny" or bundled.is_bundled(model) or not Path(model).is_dir():
-        return None
-    path, repo = Path(model).resolve(), Path(repo_dir).resolve()
-    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
-
-
-def _base_deps(repo_dir: Path | str) -> list[str]:
-    stages = yaml.safe_load((Path(repo_dir) / "dvc.yaml").read_text()).get("stages", {})
-    deps = stages.get("base", {}).get("deps", [])
-    return [next(iter(d)) if isinstance(d, dict) else d for d in deps]
-
-
-def missing_model_dep(model: str, repo_dir: Path | str = ".") -> str | None:
-    """A one-line problem when ``base.model`` is a local directory that ``dvc.yaml`` does not list."""
-    wanted = local_model_dir(model, repo_dir)
-    if wanted is None or wanted in _base_deps(repo_dir):
-        return None
-    return (
-        f"base.model: {model} is a local directory but not a dep of the base stage in dvc.yaml, so "
-        f"changing its files would not re-run base; add `- {wanted}` under stages.base.deps "
-        "(`posttrain run` does this for you)"
-    )

@@ -22,11 +22,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from components.errors import MissingInputError
+
+# torch and transformers are imported inside the functions that convert: naming a bundled
+# model (is_bundled, gguf_path) must stay cheap for the CLI, which checks base.model on every run.
 
 CONVERTER_VERSION = 1  # bump when the conversion below changes what it writes
 
@@ -75,6 +74,9 @@ def _sha256(path: Path) -> str:
 
 def _convert(src: Path, dest: Path) -> None:
     """Dequantize the GGUF at ``src`` into a plain fp32 model + tokenizer saved in ``dest``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     if not tokenizer.chat_template:
         raise MissingInputError(f"{src}: the GGUF carries no chat template")
@@ -101,6 +103,8 @@ def _convert(src: Path, dest: Path) -> None:
 
 def resolve(name: str) -> Path:
     """A directory holding bundled model ``name`` as safetensors + tokenizer, converting it on first use."""
+    import transformers
+
     src = gguf_path(name)
     spec = BUNDLED[name]
     version = importlib.metadata.version(spec.distribution)
