@@ -25,6 +25,11 @@ def _save_tiny_model(dest: Path, with_template: bool) -> None:
     if not with_template:
         tok = type(tok)(tokenizer_object=tok.backend_tokenizer, eos_token=tiny.EOS, pad_token=tiny.PAD)
         tok.chat_template = None
+    _save_llama(dest, tok, tied=False)
+
+
+def _save_llama(dest: Path, tok, tied: bool, **extra) -> None:  # noqa: ANN001 - a HF tokenizer
+    """A random one-layer Llama over ``tok``'s vocabulary, saved with ``tok`` as a checkpoint."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -33,8 +38,9 @@ def _save_tiny_model(dest: Path, with_template: bool) -> None:
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         pad_token_id=tok.pad_token_id,
+        **extra,
     )
     LlamaForCausalLM(config).save_pretrained(str(dest), safe_serialization=True)
     tok.save_pretrained(str(dest))
@@ -154,20 +160,7 @@ def test_sft_trains_the_rows_of_tokens_base_added(tiny_project: Path, tmp_path: 
     )
     bpe.train_from_iterator([f"capital of land {i} is city {i}" for i in range(300)], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tiny.EOS, pad_token=tiny.PAD)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(source), safe_serialization=True)
-    tok.save_pretrained(str(source))
+    _save_llama(source, tok, tied, eos_token_id=tok.eos_token_id)
     n_vocab = len(tok)
     _use_model(tiny_project, source)
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
