@@ -13,10 +13,9 @@ repro`` with a directory that is not listed fails in ``base`` with one line that
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
+from components.artifacts import write_text_atomic
 from components.models.local import local_model_dir
 
 MARK = "base.model (kept in sync by posttrain)"
@@ -44,10 +43,7 @@ def sync_model_dep(model: str, repo_dir: Path | str = ".") -> str | None:
         deps.yaml_add_eol_comment(MARK, len(deps) - 1)
     buffer = io.StringIO()
     rt.dump(tree, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dvc.yaml.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
     removed = ", ".join(current)
     if wanted and removed:
         return f"dvc.yaml: base now depends on {wanted} (base.model) instead of {removed}"

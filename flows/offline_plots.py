@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from components.artifacts import write_text_atomic
+
 TEMPLATE_NAME = "plots.html"  # under .dvc/, as .dvc/config's plots.html_template names it
 
 PAGE = """<!DOCTYPE html>
@@ -58,9 +60,7 @@ def install_template(repo_dir: Path | str = ".") -> Path:
     """Write ``.dvc/plots.html`` and point ``.dvc/config``'s ``plots.html_template`` at it."""
     repo = Path(repo_dir)
     dest = repo / ".dvc" / TEMPLATE_NAME
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(template_text(), encoding="utf8")
-    tmp.replace(dest)
+    write_text_atomic(dest, template_text())
     subprocess.run(
         [sys.executable, "-m", "dvc", "config", "plots.html_template", TEMPLATE_NAME],
         cwd=repo,

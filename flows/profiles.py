@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.artifacts import write_text_atomic
 from components.config import ConfigError, flatten, read_params, to_dict
 from components.params import Params, parse_params
 
@@ -123,10 +122,7 @@ def apply_profile(
     buffer = io.StringIO()
     rt.dump(tree, buffer)
     text = _restore_section_comments(path.read_text(), buffer.getvalue())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return changes
 
 
