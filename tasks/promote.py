@@ -175,6 +175,7 @@ def promote(params: Params, tracker: Any) -> dict[str, Any]:
             client.set_model_version_tag(name, version.version, TAG + "promoted", str(promote_it).lower())
             client.set_model_version_tag(name, version.version, TAG + "gate_reason", reason)
     decision = {
+        "candidate_sha256": key,
         "promoted": promote_it,
         "reason": reason,
         "version": None if version is None else str(version.version),
@@ -234,7 +235,7 @@ def main() -> None:
         with stage_run("promote", params.tracking) as tracker:
             decision = promote(params, tracker)
         if LAST_PROMOTION.parent.is_dir():
-            key = _promotion_key(params, evaluated_candidate(params)[0])
+            key = _promotion_key(params, decision["candidate_sha256"])  # already hashed by promote()
             LAST_PROMOTION.write_text(json.dumps(key, sort_keys=True) + "\n")
     except PosttrainError as exc:
         print(f"posttrain promote: error: {exc}", file=sys.stderr)
