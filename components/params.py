@@ -126,6 +126,7 @@ class ComputeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     processes: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~25% slower
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -287,14 +288,97 @@ class DPOConfig:
             yield "loss_type", "'exo_pair' needs label_smoothing > 0, which align.dpo does not set"
 
 
+# The reward online methods maximise (components/training/rewards.py, copied like TASKS above).
+ALIGN_REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
+# GRPOTrainer's loss_type values that need no setting align.grpo does not expose ('luspo' and
+# 'vespo' need importance_sampling_level='sequence').
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+Generations = Annotated[int, Range(ge=2)]  # a group baseline needs at least two samples
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """TRL ``GRPOTrainer``: ``num_generations`` samples per prompt, the group mean as baseline.
+
+    ``prompts_per_step * num_generations`` completions per optimizer step; ``beta`` weighs
+    KL(policy || SFT) in the loss (0 skips the reference forward pass).
+    """
+
+    learning_rate: LearningRate = 1e-4
+    steps: Count = 300
+    prompts_per_step: Count = 8
+    num_generations: Generations = 8
+    max_new_tokens: Count = 12
+    temperature: Positive = 1.0
+    beta: Annotated[float, Range(ge=0)] = 0.02
+    loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: Annotated[float, Range(gt=0, lt=1)] = 0.2
+
+
+@dataclass(frozen=True)
+class RLOOSettings:
+    """TRL ``RLOOTrainer``: leave-one-out baseline over ``num_generations`` samples; KL in the reward."""
+
+    learning_rate: LearningRate = 1e-4
+    steps: Count = 300
+    prompts_per_step: Count = 8
+    num_generations: Generations = 8
+    max_new_tokens: Count = 12
+    temperature: Positive = 1.0
+    beta: Annotated[float, Range(ge=0)] = 0.02
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Our PPO (components/training/ppo.py): rollouts, GAE, clipped policy and value losses, adaptive KL.
+
+    ``target_kl`` is the per-sequence KL(policy || SFT) the controller steers ``init_kl_coef``
+    toward over ``kl_horizon`` samples; 0 keeps the coefficient fixed.
+    """
+
+    learning_rate: LearningRate = 1e-4
+    steps: Count = 60
+    batch_size: Count = 32
+    minibatch_size: Count = 16
+    ppo_epochs: Count = 2
+    max_new_tokens: Count = 12
+    temperature: Positive = 1.0
+    init_kl_coef: Annotated[float, Range(ge=0)] = 0.05
+    target_kl: Annotated[float, Range(ge=0)] = 1.0
+    kl_horizon: Count = 1000
+    gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
+    lam: Annotated[float, Range(ge=0, le=1)] = 0.95
+    clip_range: Annotated[float, Range(gt=0, lt=1)] = 0.2
+    clip_range_value: Positive = 0.2
+    vf_coef: Annotated[float, Range(ge=0)] = 0.1
+    max_grad_norm: Positive = 1.0
+    missing_eos_penalty: Annotated[float, Range(ge=0)] = 1.0
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.minibatch_size > self.batch_size:
+            yield "minibatch_size", f"must be <= batch_size ({self.batch_size}), got {self.minibatch_size}"
+
+
 @dataclass(frozen=True)
 class AlignConfig:
-    """``method`` picks the algorithm module; each method has its own sub-section."""
+    """``method`` picks the algorithm; each method has its own sub-section, read only by it.
 
-    method: Literal["dpo"] = "dpo"
+    ``reward`` is what the online methods (grpo, rloo, ppo) maximise and what ``metrics/align.json``
+    reports before and after training on held-out prompts: ``verifier``, ``rm`` (the trained
+    reward model) or ``both`` (verifier + ``rm_weight`` x rm).
+    """
+
+    method: Literal["dpo", "grpo", "rloo", "ppo"] = "dpo"
+    reward: Annotated[str, OneOf(ALIGN_REWARDS)] = "verifier"
+    rm_weight: Annotated[float, Range(ge=0)] = 1.0
     seed: Seed = 0
+    n_report_prompts: Count = 64
     peft: PeftConfig = field(default_factory=PeftConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    rloo: RLOOSettings = field(default_factory=RLOOSettings)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 @dataclass(frozen=True)

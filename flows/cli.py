@@ -142,6 +142,21 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flows.compare import chart, exp_show, render, rows_from_exp_show
+
+    rows = rows_from_exp_show(exp_show("."))
+    if not rows:
+        print(
+            "posttrain compare: no result with metrics/align.json yet (run the pipeline first)",
+            file=sys.stderr,
+        )
+        return 1
+    print(render(rows, markdown=args.markdown), end="")
+    print(f"chart: {chart(rows, args.png)}")
+    return 0
+
+
 def cmd_plots(args: argparse.Namespace) -> int:
     from flows.offline_plots import show
 
@@ -282,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("stages", nargs="*", metavar="STAGE", help="only these stages")
     metrics.set_defaults(func=cmd_metrics)
+
+    compare = sub.add_parser(
+        "compare",
+        help="alignment methods side by side: a table and a PNG over `dvc exp show`",
+        description="One row per distinct result among the workspace, the last commit and its DVC "
+        "experiments (e.g. `dvc exp run -S align.method=grpo`): the method and reward, the aligned "
+        "model's greedy and sampled accuracy and mean reward on the held-out suite next to SFT's, "
+        "align's held-out reward before and after, KL to SFT, wall time and peak memory "
+        "(metrics/align.json and metrics/evaluate.json of the same lineage).",
+    )
+    compare.add_argument("--png", default="plots/compare.png", help="chart path (default: plots/compare.png)")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table (for a README)")
+    compare.set_defaults(func=cmd_compare)
 
     plots = sub.add_parser(
         "plots",

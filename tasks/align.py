@@ -1,46 +1,153 @@
-"""Stage ``align``: preference optimisation of the SFT policy; ``align.method`` picks the algorithm."""
+"""Stage ``align``: optimise the SFT policy; ``align.method`` picks the algorithm.
+
+- ``dpo``: TRL ``DPOTrainer`` on the preference pairs (offline: learns from the pairs it is shown);
+- ``grpo`` / ``rloo``: TRL's group-baseline online RL on the preference prompts;
+- ``ppo``: our PPO (components/training/ppo.py) with a value head and the adaptive KL controller.
+
+The online methods maximise ``align.reward`` (verifier, the reward model, or both). Every method
+trains a fresh LoRA adapter over the SFT model, so the SFT policy is the adapter-disabled
+network, which is both the KL reference and the "start" of ``metrics/align.json``'s held-out
+report (:mod:`components.training.report`). Its inputs are the union of what the methods read
+(``dvc.yaml``): the SFT model, the pairs, the prompts and the reward model; a method's own
+sub-section (``align.grpo.*``) re-runs only this stage and its descendants.
+"""
 
 from __future__ import annotations
 
+import resource
 import shutil
+import sys
+import time
+from pathlib import Path
 from typing import Any
+
+from transformers import set_seed
 
 from components.artifacts import atomic_dir, describe_output
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
-from components.models.loading import require_dir
+from components.distributed import resolve_compute
+from components.errors import DataError
+from components.evaluation.generate import chat_prompt_ids
+from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
+from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
 from components.training.dpo import train_dpo
+from components.training.grpo import train_group_rl
+from components.training.ppo import train_ppo
+from components.training.report import held_out_report
+from components.training.rewards import RewardFunction
 from tasks.stage import stage_command
 
-# One module per algorithm; the alignment issue adds ppo/grpo/rloo here.
-TRAINERS = {"dpo": train_dpo}
+# plots/align_<curve>.csv for every method (dvc.yaml declares them all): a curve a method does
+# not log (eval_loss for the online methods, reward and kl for DPO) is a header-only file.
+CURVES = ["loss", "eval_loss", "reward", "kl"]
+SUMMARY_KEYS = (
+    "loss",
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "eval_rewards/margins",
+    "reward",
+    "kl",
+    "entropy",
+    "clipfrac",
+    "explained_variance",
+    "kl_coef",
+)
+RENAMED = {"reward": "train_reward", "kl": "train_kl"}  # "reward" names align.reward in the metrics
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far: CUDA's allocator peak on a GPU, else the peak RSS."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def report_prompts(processed: Path, n: int) -> list[dict[str, str]]:
+    """The held-out report set: SFT-eval prompts that no alignment method trains on."""
+    trained = {r["prompt"] for r in read_jsonl(processed / "preference_prompts.jsonl")}
+    records = []
+    for rec in read_jsonl(processed / "sft_eval.jsonl"):
+        user, answer = rec["messages"][-2], rec["messages"][-1]
+        if user["content"] not in trained:
+            records.append(
+                {"prompt": user["content"], "answer": answer["content"], "task": rec.get("task", "")}
+            )
+    return records[:n]
 
 
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     cfg = params.align
     policy = require_dir(params.paths.sft_model, "SFT model")
-    prefs = require_dir(params.paths.preferences, "preference pairs")
-    train, held_out = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
+    processed = require_dir(params.paths.processed, "processed data")
+    tokenizer = load_tokenizer(policy)
+    rm_dir = params.paths.reward_model if cfg.reward != "verifier" else None
+    reward = RewardFunction(cfg.reward, rm_dir, cfg.rm_weight)
+    held_out = report_prompts(processed, cfg.n_report_prompts)
+    if not held_out:
+        raise DataError(f"{processed / 'sft_eval.jsonl'}: no held-out prompts for align's report")
+    metrics: dict[str, Any] = {"method": cfg.method, "reward": cfg.reward}
+    inputs: dict[str, Path | str] = {"sft_model": policy}
+
     with atomic_dir(params.paths.aligned_model) as tmp:
-        history = TRAINERS[cfg.method](
-            cfg, policy, train, held_out, tmp, tracker, tmp / "_work", params.compute
-        )
-        shutil.rmtree(tmp / "_work", ignore_errors=True)
-        keys = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-        metrics: dict[str, Any] = {"method": cfg.method, "n_train": len(train), "n_eval": len(held_out)}
-        metrics |= {k.replace("/", "_"): v for k, v in final_values(history, keys).items()}
+        work = tmp / "_work"
+        started = time.perf_counter()
+        if cfg.method == "dpo":
+            prefs = require_dir(params.paths.preferences, "preference pairs")
+            train, eval_pairs = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
+            model, history = train_dpo(
+                cfg, policy, tokenizer, train, eval_pairs, tracker, work, params.compute
+            )
+            metrics |= {"n_train": len(train), "n_eval": len(eval_pairs)}
+            inputs["preferences"] = prefs
+        else:
+            prompts = read_jsonl(processed / "preference_prompts.jsonl")
+            if not prompts:
+                raise DataError(
+                    f"{processed / 'preference_prompts.jsonl'}: no prompts to train {cfg.method} on"
+                )
+            inputs["prompts"] = processed / "preference_prompts.jsonl"
+            if rm_dir:
+                inputs["reward_model"] = rm_dir
+            metrics["n_train"] = len(prompts)
+            if cfg.method == "ppo":
+                device, _ = resolve_compute(params.compute)  # PPO trains in fp32 on that device
+                set_seed(cfg.seed)
+                model, history = train_ppo(
+                    load_policy(policy).to(device),
+                    tokenizer,
+                    prompts,
+                    chat_prompt_ids(tokenizer, [r["prompt"] for r in prompts]),
+                    reward,
+                    cfg.ppo,
+                    lora_config(cfg.peft),
+                    seed=cfg.seed,
+                    log=lambda row, step: tracker.log_metrics(
+                        {f"align/{k}": v for k, v in row.items()}, step=step
+                    ),
+                )
+            else:
+                settings = cfg.grpo if cfg.method == "grpo" else cfg.rloo
+                model, history = train_group_rl(
+                    cfg.method, settings, cfg.peft, cfg.seed, policy, tokenizer, prompts, reward, tracker,
+                    work, params.compute,
+                )  # fmt: skip
+        metrics |= {"train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb()}
+        shutil.rmtree(work, ignore_errors=True)
+        save_policy(model, tokenizer, tmp, policy)
+        metrics |= held_out_report(model, tokenizer, held_out, reward, seed=cfg.seed)
+        last = final_values(history, SUMMARY_KEYS)  # the last logged training values
+        metrics |= {RENAMED.get(k, k.replace("/", "_")): v for k, v in last.items()}
         describe_output(
-            tmp,
-            stage="align",
-            config=to_dict(cfg),
-            seed=cfg.seed,
-            metrics=metrics,
-            inputs={"sft_model": policy, "preferences": prefs},
+            tmp, stage="align", config=to_dict(cfg), seed=cfg.seed, metrics=metrics, inputs=inputs
         )
-    write_history_plots(params.paths.plots, "align", history, ["loss", "eval_loss"], tracker)
+    write_history_plots(params.paths.plots, "align", history, CURVES, tracker)
     if params.tracking.logs_model(params.paths.aligned_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.aligned_model, artifact_path="model")
     return metrics

@@ -79,7 +79,8 @@ def trainer_args(
     called here too, before the trainer builds anything random (a reward head, LoRA matrices),
     so a stage gives the same weights on every run.
     """
-    device, precision = resolve_compute(compute or ComputeConfig())
+    compute = compute or ComputeConfig()
+    device, precision = resolve_compute(compute)
     set_seed(seed)
     return {
         "output_dir": str(work_dir),
@@ -95,6 +96,9 @@ def trainer_args(
         "data_seed": seed,
         "use_cpu": device == "cpu",
         "dataloader_num_workers": 0,
+        # explicit: TRL's configs default to activation checkpointing, which recomputes every layer
+        # in backward (~25% of a CPU step) to save memory that only big models on a GPU need
+        "gradient_checkpointing": compute.gradient_checkpointing,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
     }

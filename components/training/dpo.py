@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
 from components.data.preferences import trl_columns
 from components.errors import DataError
-from components.models.loading import load_tokenizer
 from components.params import AlignConfig, ComputeConfig
-from components.peft.adapters import load_policy, lora_config, save_policy
+from components.peft.adapters import load_policy, lora_config
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 
@@ -29,18 +30,17 @@ from components.training.callbacks import TrackerCallback, trainer_args
 def train_dpo(
     cfg: AlignConfig,
     policy_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
     train_pairs: Sequence[dict[str, Any]],
     eval_pairs: Sequence[dict[str, Any]],
-    out_dir: Path,
     tracker: Tracker,
     work_dir: Path,
     compute: ComputeConfig | None = None,
-) -> list[dict[str, float]]:
-    """Align the policy at ``policy_dir`` on preference pairs; save the result to ``out_dir``."""
+) -> tuple[PeftModel, list[dict[str, float]]]:
+    """Align the policy at ``policy_dir`` on preference pairs; (adapter model, history)."""
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
     dpo = cfg.dpo
-    tokenizer = load_tokenizer(policy_dir)
     model = load_policy(policy_dir)
     common = trainer_args(
         work_dir,
@@ -71,5 +71,4 @@ def train_dpo(
         callbacks=[callback],
     )
     trainer.train()
-    save_policy(trainer.model, tokenizer, out_dir, policy_dir)
-    return callback.history
+    return trainer.model, callback.history

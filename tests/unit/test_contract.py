@@ -110,7 +110,12 @@ def test_compute_keys_are_params_of_exactly_the_training_stages(stages, shipped)
     from components.distributed import TRAINING_STAGES
 
     compute_keys = set(flatten(shipped["compute"], "compute."))
-    assert compute_keys == {"compute.device", "compute.precision", "compute.processes"}
+    assert compute_keys == {
+        "compute.device",
+        "compute.precision",
+        "compute.processes",
+        "compute.gradient_checkpointing",
+    }
     assert TRAINING_STAGES <= set(stages)
     for name, stage in stages.items():
         listed = compute_keys & _stage_params(stage)

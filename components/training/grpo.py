@@ -1,0 +1,99 @@
+"""Group-baseline online RL through TRL: GRPOTrainer (``align.method: grpo``) and RLOOTrainer (``rloo``).
+
+Both sample ``num_generations`` completions per prompt from the current policy, score them
+with :class:`~components.training.rewards.RewardFunction`, and use the group as its own
+baseline, so neither needs a value model:
+
+- GRPO: advantage = (reward - group mean), scaled per ``scale_rewards``; ``loss_type`` picks how
+  token losses are aggregated (``dapo``, ``dr_grpo``, ``grpo``, ...); ``beta`` weighs a KL term.
+- RLOO: advantage = reward - mean of the *other* completions of the prompt (leave one out);
+  ``beta`` folds the KL into the reward, as in the RLOO paper.
+
+The policy is the merged SFT model with a fresh LoRA adapter; with ``beta > 0`` TRL computes
+the reference log-probs with the adapter disabled, i.e. exactly the SFT policy. Generation is
+plain ``transformers`` (no vLLM), stopping at the chat template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from components.params import ComputeConfig, GRPOSettings, PeftConfig, RLOOSettings
+from components.peft.adapters import load_policy, lora_config
+from components.tracking import Tracker
+from components.training.callbacks import TrackerCallback, trainer_args
+from components.training.rewards import RewardFunction
+
+
+def prompt_dataset(records: Sequence[dict[str, str]]) -> Dataset:
+    """TRL's conversational prompt format; ``answer`` rides along to the reward function."""
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in records]
+    )
+
+
+def train_group_rl(
+    method: str,
+    settings: GRPOSettings | RLOOSettings,
+    peft: PeftConfig,
+    seed: int,
+    policy_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, str]],
+    reward: RewardFunction,
+    tracker: Tracker,
+    work_dir: Path,
+    compute: ComputeConfig | None = None,
+) -> tuple[PeftModel, list[dict[str, float]]]:
+    """Train with TRL's GRPO or RLOO for ``settings.steps`` steps; (adapter model, history)."""
+    s = settings
+    completions_per_step = s.prompts_per_step * s.num_generations
+    common = trainer_args(
+        work_dir,
+        seed=seed,
+        learning_rate=s.learning_rate,
+        epochs=1,
+        batch_size=completions_per_step,  # TRL counts completions, not prompts
+        n_examples=s.steps * completions_per_step,
+        has_eval=False,
+        compute=compute,
+    )
+    shared: dict[str, Any] = {
+        **common,
+        "max_steps": s.steps,
+        "lr_scheduler_type": "constant",
+        "num_generations": s.num_generations,
+        "max_completion_length": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": s.beta,
+    }
+    if method == "grpo":
+        assert isinstance(s, GRPOSettings)
+        args: GRPOConfig | RLOOConfig = GRPOConfig(
+            **shared, loss_type=s.loss_type, scale_rewards=s.scale_rewards, epsilon=s.epsilon
+        )
+        trainer_cls: type = GRPOTrainer
+    else:
+        args = RLOOConfig(**shared)
+        trainer_cls = RLOOTrainer
+    callback = TrackerCallback(tracker, prefix="align/")
+    trainer = trainer_cls(
+        model=load_policy(policy_dir),
+        reward_funcs=reward.trl(),
+        args=args,
+        train_dataset=prompt_dataset(records),
+        processing_class=tokenizer,
+        peft_config=lora_config(peft),
+        callbacks=[callback],
+    )
+    trainer.train()
+    return trainer.model, callback.history

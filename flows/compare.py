@@ -1,0 +1,124 @@
+"""``posttrain compare``: alignment methods side by side, from ``dvc exp show``.
+
+Each ``dvc exp run -S align.method=<m>`` is an experiment whose ``metrics/align.json`` and
+``metrics/evaluate.json`` belong to the same lineage, so this reads them from DVC rather than
+pairing MLflow runs by time. One row per distinct result (the workspace, the last commit, every
+experiment): the method and its reward, the aligned model's greedy and sampled accuracy and
+mean verifier reward on the held-out suite (with SFT's for reference), align's own held-out
+report (reward before/after, KL to SFT), its wall time and peak memory. The same rows are drawn
+as a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from flows.metrics_view import _table
+
+# column -> (metrics file, dotted key) ; "params" reads params.yaml
+COLUMNS: dict[str, tuple[str, str]] = {
+    "method": ("params", "align.method"),
+    "reward": ("params", "align.reward"),
+    "greedy": ("evaluate", "aligned.accuracy"),
+    "sampled": ("evaluate", "aligned.sampled_accuracy"),
+    "reward_mean": ("evaluate", "aligned.reward_mean"),
+    "sft_greedy": ("evaluate", "sft.accuracy"),
+    "sft_sampled": ("evaluate", "sft.sampled_accuracy"),
+    "sft_reward": ("evaluate", "sft.reward_mean"),
+    "reward_start": ("align", "reward_mean_start"),
+    "reward_end": ("align", "reward_mean_end"),
+    "kl_to_ref": ("align", "kl_to_ref"),
+    "seconds": ("align", "train_seconds"),
+    "peak_mb": ("align", "peak_memory_mb"),
+}
+CHART_COLUMNS = ("greedy", "sampled", "reward_mean")
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _entries(show: Sequence[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(label, data) for the workspace, each commit shown and each of its experiments."""
+    for entry in show:
+        label = entry.get("name") or entry.get("rev", "")[:7]
+        if entry.get("data"):
+            yield label, entry["data"]
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("data"):
+                    yield rev.get("name") or rev.get("rev", "")[:7], rev["data"]
+
+
+def rows_from_exp_show(show: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per distinct (params, metrics) result; entries without align metrics are skipped."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for label, data in _entries(show):
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        metrics = {
+            Path(name).stem: (value or {}).get("data") or {}
+            for name, value in (data.get("metrics") or {}).items()
+        }
+        if not metrics.get("align"):
+            continue
+        sources = {"params": params, **metrics}
+        row = {"experiment": label}
+        row |= {col: _get(sources.get(src, {}), key) for col, (src, key) in COLUMNS.items()}
+        fingerprint = json.dumps({k: v for k, v in row.items() if k != "experiment"}, sort_keys=True)
+        if fingerprint in seen:
+            continue
+        seen.add(fingerprint)
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def render(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    header = ["experiment", *COLUMNS]
+    cells = [[_cell(r.get(c)) for c in header] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines) + "\n"
+    return "\n".join(_table(header, cells)) + "\n"
+
+
+def chart(rows: Sequence[dict[str, Any]], path: Path | str) -> Path:
+    from components.charts import bar_chart
+
+    named = {}
+    for r in rows:
+        name = f"{r['experiment']}\n{r.get('method') or '?'}"
+        named[name] = {c: float(r.get(c) or 0.0) for c in CHART_COLUMNS}
+    return bar_chart(path, named, CHART_COLUMNS, title="aligned model on the held-out suite, by experiment")
+
+
+def exp_show(root: Path | str = ".") -> list[dict[str, Any]]:
+    """``dvc exp show --json`` (all experiments of the current commit, the workspace included)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp show failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout or "[]")

@@ -1,0 +1,165 @@
+"""``align.method`` grpo, rloo and ppo, and ``align.reward`` verifier/rm/both, on the tiny project.
+
+Each method trains a real adapter (TRL's GRPO and RLOO, our PPO) for a few steps. The tests
+pin what every method must deliver whatever its numbers: a fresh LoRA adapter over the SFT
+model whose trainable tensors moved and whose frozen ones did not, the SFT policy recovered
+exactly with the adapter disabled, ``metrics/align.json``'s held-out report, the curves, and a
+clear error (and no half-written output) for bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from components.errors import DataError
+from tests.conftest import make_project
+from tests.integration import test_stages
+from tests.integration.test_stages import TrainingRun, check_lora_run, no_temp_dirs, run_stage
+
+trainer_runs = test_stages.trainer_runs  # the fixture that spies on Trainer.train
+
+pytestmark = pytest.mark.slow
+
+REPORT_KEYS = {"reward_mean_start", "reward_mean_end", "accuracy_start", "accuracy_end", "kl_to_ref"}
+SHORT = {
+    "grpo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
+    "rloo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
+    "ppo": {"steps": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 6},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    root = make_project(tmp_path_factory.mktemp("align") / "project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in ("base", "ingest", "sft", "preferences", "reward_model"):
+            run_stage(stage)
+        yield root
+
+
+def set_align(project: Path, **align: Any) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in align.items():
+        if isinstance(value, dict):
+            params["align"][key] = {**params["align"][key], **value}
+        else:
+            params["align"][key] = value
+    params["align"]["n_report_prompts"] = 8
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def check_adapter_over_sft(project: Path) -> None:
+    """The saved adapter moved the policy, and disabling it gives the SFT policy back exactly."""
+    from peft import PeftModel
+
+    from components.peft.adapters import load_policy
+
+    out = project / "models/aligned"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/sft"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any(".lora_B." in n and t.any() for n, t in saved.items()), "no LoRA B matrix moved off zero"
+    loaded = PeftModel.from_pretrained(load_policy(project / "models/sft"), str(out))
+    reference = load_policy(project / "models/sft")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        with loaded.disable_adapter():
+            torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=0, rtol=0)
+        assert not torch.allclose(loaded(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_trl_online_methods_train_an_adapter_and_report_held_out_reward(
+    project: Path, method: str, trainer_runs: list[TrainingRun]
+) -> None:
+    set_align(project, method=method, reward="verifier", **{method: SHORT[method]})
+    metrics, tracker = run_stage("align")
+    assert metrics["method"] == method
+    assert REPORT_KEYS <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("reward_mean_start", "reward_mean_end"))
+    assert metrics["kl_to_ref"] > 0, "an adapter that moved the policy has a positive KL to SFT"
+    (run,) = trainer_runs
+    peft = yaml.safe_load((project / "params.yaml").read_text())["align"]["peft"]
+    check_lora_run(run, 2, peft["target_modules"], peft["modules_to_save"])
+    check_adapter_over_sft(project)
+    assert tracker.series("align/reward"), "the training reward is logged per step"
+    curve = (project / "plots/align_reward.csv").read_text().splitlines()
+    assert curve[0] == "step,reward" and len(curve) > 1
+    assert no_temp_dirs(project / "models")
+
+
+def test_ppo_trains_an_adapter_with_its_statistics(project: Path) -> None:
+    set_align(project, method="ppo", reward="verifier", ppo=SHORT["ppo"])
+    metrics, tracker = run_stage("align")
+    assert metrics["method"] == "ppo" and REPORT_KEYS <= set(metrics)
+    for key in ("reward", "kl", "entropy", "clipfrac", "approxkl", "value_loss", "explained_variance",
+                "response_length", "kl_coef"):  # fmt: skip
+        assert len(tracker.series(f"align/{key}")) == 3, key
+    check_adapter_over_sft(project)
+    assert (project / "plots/align_kl.csv").read_text().startswith("step,kl\n")
+
+
+@pytest.mark.parametrize("reward", ["rm", "both"])
+def test_reward_model_rewards_score_with_the_trained_rm(project: Path, reward: str) -> None:
+    from components.training.rewards import RewardFunction
+
+    records = [{"prompt": "add 12 and 30", "answer": "42"}] * 2
+    rm_only = RewardFunction("rm", project / "models/reward_model")
+    combined = RewardFunction(reward, project / "models/reward_model", rm_weight=0.5)
+    verifier = RewardFunction("verifier")
+    got = combined(records, ["42", "17"])
+    rm = rm_only(records, ["42", "17"])
+    want = (
+        rm
+        if reward == "rm"
+        else [v + 0.5 * r for v, r in zip(verifier(records, ["42", "17"]), rm, strict=True)]
+    )
+    assert got == pytest.approx(want)
+    assert rm[0] != rm[1], "the RM tells the answers apart"
+
+    set_align(project, method="grpo", reward=reward, grpo=SHORT["grpo"])
+    metrics, _ = run_stage("align")
+    assert metrics["reward"] == reward and REPORT_KEYS <= set(metrics)
+
+
+def test_a_reward_model_returning_nan_stops_align_and_leaves_no_output(project: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "rm"
+    shutil.copytree(project / "models/reward_model", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    head = next(n for n in weights if n.startswith("score."))
+    weights[head] = torch.full_like(weights[head], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["paths"]["reward_model"] = str(broken)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_align(project, method="ppo", reward="rm", ppo=SHORT["ppo"])
+    before = sorted(p.name for p in (project / "models/aligned").iterdir())
+    try:
+        with pytest.raises(DataError, match="reward model returned nan"):
+            run_stage("align")
+    finally:
+        params["paths"]["reward_model"] = "models/reward_model"
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert sorted(p.name for p in (project / "models/aligned").iterdir()) == before
+    assert no_temp_dirs(project / "models")
+
+
+def test_an_empty_prompt_set_is_a_clear_error(project: Path) -> None:
+    prompts = project / "data/processed/preference_prompts.jsonl"
+    saved = prompts.read_text()
+    prompts.write_text("")
+    set_align(project, method="grpo", reward="verifier", grpo=SHORT["grpo"])
+    try:
+        with pytest.raises(DataError, match="preference_prompts.jsonl: no prompts to train grpo on"):
+            run_stage("align")
+    finally:
+        prompts.write_text(saved)
