@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",
@@ -51,6 +52,11 @@ def apply_offline_env() -> None:
     """Set every key of :data:`OFFLINE_ENV` that the caller has not set, and mute :data:`KNOWN_NOISE`."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; TRL 1.16 still
+    # reads and calls the old names, so every trainer repeats these FutureWarnings (harmless).
+    warnings.filterwarnings(
+        "ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning
+    )
     for name, prefix in KNOWN_NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):

@@ -20,6 +20,7 @@ from components.config import ConfigError, NonEmpty, OneOf, Pattern, Range, coll
 TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
 PROMPT_STYLES: tuple[str, ...] = ("terse", "instruct")
 LOG_MODELS: tuple[str, ...] = ("none", "adapters", "all")  # tracking.log_models, smallest first
+PROMPTINGS: tuple[str, ...] = ("zero_shot", "few_shot", "cot")  # components.evaluation.prompting
 MAX_CHUNK_CHARACTERS = 16_000
 
 # Value types with their ranges; the loader (components.config.build) checks them and names the key.
@@ -29,6 +30,7 @@ Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's seed range (transfor
 LearningRate = Annotated[float, Range(ge=0)]  # 0 is allowed: a stage that leaves the weights as they are
 Positive = Annotated[float, Range(gt=0)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]
+Generations = Annotated[int, Range(ge=2)]  # samples per prompt: a pair or a group baseline needs two
 Text = Annotated[str, NonEmpty()]  # a path, URI or name that must not be blank
 
 # transformers' SchedulerType values that need no ``lr_scheduler_kwargs`` (which sft does not expose):
@@ -127,6 +129,7 @@ class ComputeConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     processes: int = 1
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~25% slower
+    checkpoint_steps: NonNegativeInt = 100  # sft/reward_model/align: resume point every N steps; 0 = off
 
     def __post_init__(self) -> None:
         if self.processes < 1:
@@ -184,7 +187,7 @@ class IngestConfig:
     seed: Seed = 0
     n_sft_train: Count = 6000
     n_sft_eval: Count = 200
-    n_preference_prompts: Count = 1000
+    n_preference_prompts: Count = 4800
     n_eval_prompts: Count = 200
 
 
@@ -222,7 +225,7 @@ class SFTConfig:
     """TRL ``SFTTrainer`` on chat ``messages`` with assistant-only loss."""
 
     learning_rate: LearningRate = 3e-3
-    epochs: Count = 4
+    epochs: Count = 10
     batch_size: Count = 32
     max_length: Count = 64
     warmup_steps: NonNegativeInt = 20
@@ -275,6 +278,12 @@ class DPOConfig:
     max_length: Count = 64
     loss_type: Annotated[tuple[Annotated[str, OneOf(DPO_LOSS_TYPES)], ...], NonEmpty()] = ("sigmoid", "sft")
     loss_weights: tuple[Annotated[float, Range(ge=0)], ...] = (1.0, 1.0)
+    # rounds > 1: iterated on-policy DPO (each later round re-samples and re-grades pairs)
+    rounds: Count = 1
+    round_prompts: Count = 500
+    round_samples: Generations = 8
+    round_temperature: Positive = 1.3
+    round_max_new_tokens: Count = 12
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
         if len(self.loss_weights) != len(self.loss_type):
@@ -293,7 +302,6 @@ ALIGN_REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
 # GRPOTrainer's loss_type values that need no setting align.grpo does not expose ('luspo' and
 # 'vespo' need importance_sampling_level='sequence').
 GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
-Generations = Annotated[int, Range(ge=2)]  # a group baseline needs at least two samples
 
 
 @dataclass(frozen=True)
@@ -304,8 +312,8 @@ class GRPOSettings:
     KL(policy || SFT) in the loss (0 skips the reference forward pass).
     """
 
-    learning_rate: LearningRate = 1e-4
-    steps: Count = 300
+    learning_rate: LearningRate = 2e-4
+    steps: Count = 600
     prompts_per_step: Count = 8
     num_generations: Generations = 8
     max_new_tokens: Count = 12
@@ -369,7 +377,7 @@ class AlignConfig:
     reward model) or ``both`` (verifier + ``rm_weight`` x rm).
     """
 
-    method: Literal["dpo", "grpo", "rloo", "ppo"] = "dpo"
+    method: Literal["dpo", "grpo", "rloo", "ppo"] = "grpo"
     reward: Annotated[str, OneOf(ALIGN_REWARDS)] = "verifier"
     rm_weight: Annotated[float, Range(ge=0)] = 1.0
     seed: Seed = 0
@@ -408,6 +416,10 @@ class EvaluateConfig:
     )
     promotion_metric: Literal["accuracy", "sampled_accuracy", "reward_mean"] = "accuracy"
     promotion_max_accuracy_drop: Annotated[float, Range(ge=0, le=1)] = 0.02
+    # prompting baselines on base and sft (components/evaluation/prompting.py); [] skips them
+    prompting: tuple[Annotated[str, OneOf(PROMPTINGS)], ...] = ("zero_shot", "few_shot", "cot")
+    few_shot_k: Count = 3
+    cot_max_new_tokens: Count = 48
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
         alias = self.promotion_alias

@@ -142,6 +142,22 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from flows.label import label
+
+    try:
+        counts = label(args.candidates, args.out, seed=args.seed)
+    except (KeyboardInterrupt, EOFError):  # every choice made so far is already on disk
+        print("\nstopped; every choice so far is saved (run `posttrain label` again to resume)")
+        return 130
+    print(
+        f"\n{counts['labelled']} labelled ({counts['agree_with_verifier']} agree with the verifier), "
+        f"{counts['skipped']} skipped, {counts['remaining']} left; pairs in {args.out} "
+        "(set ingest.preference_data to train on them)"
+    )
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from flows.compare import chart, exp_show, render, rows_from_exp_show
 
@@ -297,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("stages", nargs="*", metavar="STAGE", help="only these stages")
     metrics.set_defaults(func=cmd_metrics)
+
+    label_cmd = sub.add_parser(
+        "label",
+        help="label preference pairs yourself in the terminal (resumable; Ctrl-C loses nothing)",
+        description="Show a prompt and two candidate answers in random order; type 1 or 2 for the "
+        "better one, s to skip, q to stop. Each choice is appended to the labels file at once "
+        "(fsynced), and a second run resumes where the first stopped. The labels file is in the "
+        "import format: set ingest.preference_data to it to train on your pairs.",
+    )
+    label_cmd.add_argument(
+        "--candidates",
+        default="data/preferences/train.jsonl",
+        help="preference pairs to judge (default: data/preferences/train.jsonl)",
+    )
+    label_cmd.add_argument(
+        "--out", default="data/labels/human.jsonl", help="labels file (default: data/labels/human.jsonl)"
+    )
+    label_cmd.add_argument("--seed", type=int, default=0, help="order and A/B shuffling seed")
+    label_cmd.set_defaults(func=cmd_label)
 
     compare = sub.add_parser(
         "compare",

@@ -15,7 +15,6 @@ sub-section (``align.grpo.*``) re-runs only this stage and its descendants.
 from __future__ import annotations
 
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from components.params import Params
 from components.peft.adapters import load_policy, lora_config, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
+from components.training.checkpoints import checkpoint_dir, clear_checkpoints
 from components.training.dpo import train_dpo
 from components.training.grpo import train_group_rl
 from components.training.ppo import train_ppo
@@ -95,15 +95,23 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     metrics: dict[str, Any] = {"method": cfg.method, "reward": cfg.reward}
     inputs: dict[str, Path | str] = {"sft_model": policy}
 
+    checkpoint_inputs = {"sft_model": policy, "data": processed}
+    if cfg.method == "dpo":
+        checkpoint_inputs["preferences"] = params.paths.preferences
+    if rm_dir:
+        checkpoint_inputs["reward_model"] = rm_dir
+    work = checkpoint_dir(
+        "align", {"align": to_dict(cfg), "compute": to_dict(params.compute)}, checkpoint_inputs
+    )
     with atomic_dir(params.paths.aligned_model) as tmp:
-        work = tmp / "_work"
         started = time.perf_counter()
         if cfg.method == "dpo":
             prefs = require_dir(params.paths.preferences, "preference pairs")
             train, eval_pairs = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
             model, history = train_dpo(
-                cfg, policy, tokenizer, train, eval_pairs, tracker, work, params.compute
-            )
+                cfg, policy, tokenizer, train, eval_pairs, tracker, work, params.compute,
+                prompts=read_jsonl(processed / "preference_prompts.jsonl"),
+            )  # fmt: skip
             metrics |= {"n_train": len(train), "n_eval": len(eval_pairs)}
             inputs["preferences"] = prefs
         else:
@@ -138,8 +146,8 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
                     cfg.method, settings, cfg.peft, cfg.seed, policy, tokenizer, prompts, reward, tracker,
                     work, params.compute,
                 )  # fmt: skip
-        metrics |= {"train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb()}
-        shutil.rmtree(work, ignore_errors=True)
+        # measured, not reproducible: in metrics/align.json (posttrain compare), not in the output
+        cost = {"train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb()}
         save_policy(model, tokenizer, tmp, policy)
         metrics |= held_out_report(model, tokenizer, held_out, reward, seed=cfg.seed)
         last = final_values(history, SUMMARY_KEYS)  # the last logged training values
@@ -147,9 +155,11 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         describe_output(
             tmp, stage="align", config=to_dict(cfg), seed=cfg.seed, metrics=metrics, inputs=inputs
         )
+        metrics |= cost
     write_history_plots(params.paths.plots, "align", history, CURVES, tracker)
     if params.tracking.logs_model(params.paths.aligned_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.aligned_model, artifact_path="model")
+    clear_checkpoints("align")  # finished: nothing left to resume
     return metrics
 
 

@@ -23,6 +23,7 @@ from components.compression.quantize import load_compressed, mean_token_kl
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.evaluation.gate import promotion_decision, suite_fingerprint
+from components.evaluation.prompting import prompting_baselines, shots_by_task
 from components.evaluation.suite import answer_sequences, evaluate_policy
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
@@ -59,6 +60,21 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         models[name] = load()
         results[name], answers[name] = evaluate_policy(models[name], tokenizer, records, cfg)
         tracker.log_metrics({f"{name}.{k}": v for k, v in results[name].items() if isinstance(v, float)})
+    if cfg.prompting:  # the no-weight-change alternatives, on the models that have not been tuned for it
+        shots = shots_by_task(read_jsonl(Path(paths.processed) / "sft_train.jsonl"), cfg.few_shot_k)
+        results["prompting"] = {
+            name: prompting_baselines(
+                models[name],
+                tokenizer,
+                records,
+                shots,
+                cfg.prompting,
+                max_new_tokens=cfg.max_new_tokens,
+                cot_max_new_tokens=cfg.cot_max_new_tokens,
+                batch_size=cfg.batch_size,
+            )
+            for name in ("base", "sft")
+        }
     sequences = [ids for ids, _ in answer_sequences(tokenizer, records)]
     results["kl_aligned_vs_sft"] = mean_token_kl(models["aligned"], models["sft"], sequences)
     rm_dir = require_dir(paths.reward_model, "reward model")

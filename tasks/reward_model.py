@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
@@ -13,6 +12,7 @@ from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
 from components.tracking import Tracker
 from components.training.callbacks import write_history_plots
+from components.training.checkpoints import checkpoint_dir, clear_checkpoints
 from components.training.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
 from tasks.stage import stage_command
 
@@ -23,10 +23,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     prefs = require_dir(params.paths.preferences, "preference pairs")
     train, held_out = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
     with atomic_dir(params.paths.reward_model) as tmp:
-        history = train_reward_model(
-            cfg, policy, train, held_out, tmp, tracker, tmp / "_work", params.compute
+        work = checkpoint_dir(
+            "reward_model",
+            {"reward_model": to_dict(cfg), "compute": to_dict(params.compute)},
+            {"sft_model": policy, "preferences": prefs},
         )
-        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        history = train_reward_model(cfg, policy, train, held_out, tmp, tracker, work, params.compute)
         # A DDP worker's part ends with training: transformers saves weights on rank 0 only.
         if not is_main_process():
             return {}
@@ -48,6 +50,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     write_history_plots(params.paths.plots, "reward_model", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.reward_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.reward_model, artifact_path="model")
+    clear_checkpoints("reward_model")  # finished: nothing left to resume
     return metrics
 
 

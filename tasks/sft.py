@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from components.models.loading import require_dir
 from components.params import Params
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
+from components.training.checkpoints import checkpoint_dir, clear_checkpoints
 from components.training.sft import train_sft
 from tasks.stage import stage_command
 
@@ -23,18 +23,14 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     processed = Path(params.paths.processed)
     train, held_out = read_jsonl(processed / "sft_train.jsonl"), read_jsonl(processed / "sft_eval.jsonl")
     with atomic_dir(params.paths.sft_model) as tmp:
-        history = train_sft(
-            cfg,
-            base,
-            train,
-            held_out,
-            tmp,
-            tracker,
-            tmp / "_work",
-            params.compute,
-            model_name=params.base.model,
+        work = checkpoint_dir(
+            "sft",
+            {"sft": to_dict(cfg), "compute": to_dict(params.compute)},
+            {"base": base, "data": processed},
         )
-        shutil.rmtree(tmp / "_work", ignore_errors=True)
+        history = train_sft(
+            cfg, base, train, held_out, tmp, tracker, work, params.compute, model_name=params.base.model
+        )
         losses = [h["loss"] for h in history if "loss" in h]
         metrics: dict[str, Any] = {"n_train": len(train), "n_eval": len(held_out)}
         if losses:
@@ -51,6 +47,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     write_history_plots(params.paths.plots, "sft", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.sft_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.sft_model, artifact_path="model")
+    clear_checkpoints("sft")  # finished: nothing left to resume
     return metrics
 
 

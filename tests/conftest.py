@@ -43,7 +43,16 @@ TINY_OVERRIDES = {
     },
     "preferences": {"k": 4, "max_prompts": 48, "batch_size": 48, "max_new_tokens": 6},
     "reward_model": {"epochs": 1, "batch_size": 8},
-    "align": {"peft": {"r": 4, "alpha": 8}, "dpo": {"epochs": 1, "batch_size": 8}},
+    # dpo: the pinned chain (golden_values.py); tests/integration/test_align_methods.py runs the others
+    "align": {
+        "method": "dpo",
+        "n_report_prompts": 8,
+        "peft": {"r": 4, "alpha": 8},
+        "dpo": {"epochs": 1, "batch_size": 8},
+        "grpo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
+        "rloo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
+        "ppo": {"steps": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 6},
+    },
     "compress": {"n_fidelity_prompts": 8},
     "evaluate": {"n_prompts": 16, "n_samples": 2, "max_new_tokens": 6},
     "rag_index": {"chunk_max_characters": 400},

@@ -7,12 +7,17 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+Prompt = str | Sequence[dict[str, str]]  # one user turn, or a whole conversation so far
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt as one user turn followed by the assistant marker."""
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt (a user turn, or the turns given) followed by the assistant marker."""
     return [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
         for p in prompts
     ]
@@ -32,7 +37,7 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int = 12,
     temperature: float = 0.0,

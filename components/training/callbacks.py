@@ -28,9 +28,10 @@ SUMMARY_KEYS = frozenset(
 class TrackerCallback(TrainerCallback):
     """Forward ``on_log`` metrics to a tracker under ``prefix`` and remember them."""
 
-    def __init__(self, tracker: Tracker, prefix: str = "") -> None:
+    def __init__(self, tracker: Tracker, prefix: str = "", step_offset: int = 0) -> None:
         self.tracker = tracker
         self.prefix = prefix
+        self.step_offset = step_offset  # steps of earlier trainers in the same stage (DPO rounds)
         self.history: list[dict[str, float]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
@@ -49,9 +50,10 @@ class TrackerCallback(TrainerCallback):
         if not numeric:
             return
         curves = {f"{self.prefix}{k}": v for k, v in numeric.items() if k not in SUMMARY_KEYS}
+        step = state.global_step + self.step_offset
         if curves:
-            self.tracker.log_metrics(curves, step=state.global_step)
-        self.history.append({"step": float(state.global_step), **numeric})
+            self.tracker.log_metrics(curves, step=step)
+        self.history.append({"step": float(step), **numeric})
 
 
 def logging_steps(n_examples: int, batch_size: int, epochs: int, points: int = 20) -> int:
@@ -70,6 +72,7 @@ def trainer_args(
     n_examples: int,
     has_eval: bool,
     compute: ComputeConfig | None = None,
+    resumable: bool = False,
 ) -> dict[str, Any]:
     """The ``TrainingArguments`` every stage shares: seeded, no checkpoints, our own logging.
 
@@ -78,6 +81,11 @@ def trainer_args(
     configs would otherwise default to bf16, also on CPU). ``set_seed`` is
     called here too, before the trainer builds anything random (a reward head, LoRA matrices),
     so a stage gives the same weights on every run.
+
+    ``resumable``: ``work_dir`` is a checkpoint directory
+    (:func:`components.training.checkpoints.checkpoint_dir`) and a full checkpoint (weights,
+    optimizer, scheduler, RNG) is written there every ``compute.checkpoint_steps`` steps, the
+    newest one kept.
     """
     compute = compute or ComputeConfig()
     device, precision = resolve_compute(compute)
@@ -90,7 +98,9 @@ def trainer_args(
         "per_device_eval_batch_size": batch_size,
         "logging_steps": logging_steps(n_examples, batch_size, epochs),
         "eval_strategy": "epoch" if has_eval else "no",
-        "save_strategy": "no",
+        "save_strategy": "steps" if resumable and compute.checkpoint_steps else "no",
+        "save_steps": compute.checkpoint_steps or 500,
+        "save_total_limit": 1,
         "report_to": [],
         "seed": seed,
         "data_seed": seed,

@@ -19,12 +19,38 @@ from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from components.data.preferences import trl_columns
+from components.data.preferences import build_pairs, trl_columns
 from components.errors import DataError
-from components.params import AlignConfig, ComputeConfig
+from components.evaluation.generate import generate
+from components.params import AlignConfig, ComputeConfig, DPOConfig
 from components.peft.adapters import load_policy, lora_config
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
+from components.training.checkpoints import resume_or_train
+
+
+def on_policy_pairs(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[dict[str, str]],
+    dpo: DPOConfig,
+    seed: int,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Fresh (right, wrong) pairs sampled from the current policy and graded by the verifier.
+
+    Only pairs where the policy itself produced both answers: the reference answer never stands
+    in, which is what makes a round on-policy.
+    """
+    samples = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in prompts],
+        max_new_tokens=dpo.round_max_new_tokens,
+        temperature=dpo.round_temperature,
+        num_return_sequences=dpo.round_samples,
+        seed=seed,
+    )
+    return build_pairs(prompts, samples, reference_as_chosen=False)
 
 
 def train_dpo(
@@ -36,39 +62,65 @@ def train_dpo(
     tracker: Tracker,
     work_dir: Path,
     compute: ComputeConfig | None = None,
+    prompts: Sequence[dict[str, str]] = (),
 ) -> tuple[PeftModel, list[dict[str, float]]]:
-    """Align the policy at ``policy_dir`` on preference pairs; (adapter model, history)."""
+    """Align the policy at ``policy_dir`` on preference pairs; (adapter model, history).
+
+    ``align.dpo.rounds > 1`` is iterated on-policy DPO: after each round the current policy
+    samples ``round_samples`` answers for each of ``prompts`` (the first ``round_prompts``), the
+    verifier grades them, and the next round trains the same adapter on those fresh pairs. The
+    reference stays the SFT policy (the adapter disabled). A round that finds no pair (the policy
+    is all right or all wrong on every prompt) ends the loop early.
+    """
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
     dpo = cfg.dpo
-    model = load_policy(policy_dir)
-    common = trainer_args(
-        work_dir,
-        seed=cfg.seed,
-        learning_rate=dpo.learning_rate,
-        epochs=dpo.epochs,
-        batch_size=dpo.batch_size,
-        n_examples=len(train_pairs),
-        has_eval=bool(eval_pairs),
-        compute=compute,
-    )
-    args = TRLDPOConfig(
-        **common,
-        beta=dpo.beta,
-        max_length=dpo.max_length,
-        loss_type=list(dpo.loss_type),
-        loss_weights=list(dpo.loss_weights),
-    )
-
-    callback = TrackerCallback(tracker, prefix="align/")
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(trl_columns(train_pairs)),
-        eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.peft),
-        callbacks=[callback],
-    )
-    trainer.train()
-    return trainer.model, callback.history
+    model: Any = load_policy(policy_dir)
+    peft_config = lora_config(cfg.peft)
+    history: list[dict[str, float]] = []
+    pairs: Sequence[dict[str, Any]] = train_pairs
+    offset = 0
+    for round_no in range(1, dpo.rounds + 1):
+        if round_no > 1:
+            pairs, stats = on_policy_pairs(
+                model, tokenizer, prompts[: dpo.round_prompts], dpo, cfg.seed + round_no
+            )
+            tracker.log_metrics({f"align/round_{k}": float(v) for k, v in stats.items()}, step=offset)
+            history.append(
+                {"step": float(offset), "round": float(round_no), "round_pairs": float(len(pairs))}
+            )
+            if not pairs:
+                break
+        common = trainer_args(
+            work_dir / f"round-{round_no}",
+            seed=cfg.seed + round_no - 1,
+            learning_rate=dpo.learning_rate,
+            epochs=dpo.epochs,
+            batch_size=dpo.batch_size,
+            n_examples=len(pairs),
+            has_eval=bool(eval_pairs),
+            compute=compute,
+            resumable=True,
+        )
+        args = TRLDPOConfig(
+            **common,
+            beta=dpo.beta,
+            max_length=dpo.max_length,
+            loss_type=list(dpo.loss_type),
+            loss_weights=list(dpo.loss_weights),
+        )
+        callback = TrackerCallback(tracker, prefix="align/", step_offset=offset)
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(trl_columns(pairs)),
+            eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
+            processing_class=tokenizer,
+            peft_config=peft_config if round_no == 1 else None,  # later rounds continue the adapter
+            callbacks=[callback],
+        )
+        resume_or_train(trainer)
+        model = trainer.model
+        history += callback.history
+        offset += trainer.state.global_step
+    return model, history

@@ -29,6 +29,7 @@ from components.params import ComputeConfig, GRPOSettings, PeftConfig, RLOOSetti
 from components.peft.adapters import load_policy, lora_config
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
+from components.training.checkpoints import resume_or_train
 from components.training.rewards import RewardFunction
 
 
@@ -64,6 +65,7 @@ def train_group_rl(
         n_examples=s.steps * completions_per_step,
         has_eval=False,
         compute=compute,
+        resumable=True,
     )
     shared: dict[str, Any] = {
         **common,
@@ -95,5 +97,5 @@ def train_group_rl(
         peft_config=lora_config(peft),
         callbacks=[callback],
     )
-    trainer.train()
+    resume_or_train(trainer)
     return trainer.model, callback.history

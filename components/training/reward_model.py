@@ -23,6 +23,7 @@ from components.params import ComputeConfig, RewardModelConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
+from components.training.checkpoints import resume_or_train
 
 
 def load_reward_model(path: Path | str) -> PreTrainedModel:
@@ -93,6 +94,7 @@ def train_reward_model(
         n_examples=len(train_pairs),
         has_eval=bool(eval_pairs),
         compute=compute,
+        resumable=True,
     )  # seeds before the reward head is initialised
     with tempfile.TemporaryDirectory(dir=work_dir.parent if work_dir.parent.exists() else None) as merged:
         save_model(load_policy(policy_dir), tokenizer, merged)
@@ -108,6 +110,6 @@ def train_reward_model(
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    trainer.train()
+    resume_or_train(trainer)
     save_model(trainer.model, tokenizer, out_dir)
     return callback.history

@@ -29,6 +29,7 @@ from components.params import ComputeConfig, SFTConfig
 from components.peft.adapters import load_policy, lora_config, new_token_ids, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
+from components.training.checkpoints import resume_or_train
 
 
 class ChatTemplateError(PosttrainError):
@@ -142,6 +143,7 @@ def train_sft(
         n_examples=len(train_records),
         has_eval=bool(eval_records),
         compute=compute,
+        resumable=True,
     )
     args = TRLSFTConfig(
         **common,
@@ -164,6 +166,6 @@ def train_sft(
         ),
         callbacks=[callback],
     )
-    trainer.train()
+    resume_or_train(trainer)
     save_policy(trainer.model, tokenizer, out_dir, base_dir)
     return callback.history

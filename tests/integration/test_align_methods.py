@@ -163,3 +163,21 @@ def test_an_empty_prompt_set_is_a_clear_error(project: Path) -> None:
             run_stage("align")
     finally:
         prompts.write_text(saved)
+
+
+def test_dpo_rounds_resample_on_policy_pairs_and_continue_one_adapter(project: Path) -> None:
+    set_align(
+        project,
+        method="dpo",
+        reward="verifier",
+        dpo={"rounds": 2, "round_prompts": 24, "round_samples": 4, "round_max_new_tokens": 6, "epochs": 1},
+    )
+    metrics, tracker = run_stage("align")
+    assert metrics["method"] == "dpo" and REPORT_KEYS <= set(metrics)
+    (pairs,) = tracker.series("align/round_n_pairs")  # one re-sampling, before round 2
+    assert tracker.series("align/round_n_pairs_reference") == [0.0], "later rounds are on-policy only"
+    steps = [step for key, _, step in tracker.metrics if key == "align/loss"]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), "round 2's steps follow round 1's"
+    assert pairs > 0, "the tiny SFT policy is right on some samples and wrong on others"
+    assert max(steps) > tracker.metrics[[k for k, _, _ in tracker.metrics].index("align/round_n_pairs")][2]
+    check_adapter_over_sft(project)

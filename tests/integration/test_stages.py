@@ -345,6 +345,11 @@ def test_align_dpo_trains_a_fresh_adapter_over_sft(project: Path, trainer_runs: 
     metrics, tracker = run_stage("align")
     out = project / "models/aligned"
     assert output_files(out) == golden.OUTPUT_FILES["models/aligned"]
+    cost = {k: metrics.pop(k) for k in ("train_seconds", "peak_memory_mb")}  # measured, not pinned
+    assert all(v > 0 for v in cost.values()), cost
+    assert "train_seconds" not in json.loads((out / "metrics.json").read_text()), (
+        "the output stays reproducible"
+    )
     assert_golden(metrics, golden.ALIGN)
     assert tracker.series("align/loss")[-1] == metrics["loss"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/sft"

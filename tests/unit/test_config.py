@@ -791,10 +791,14 @@ def test_dpo_loss_types_are_the_ones_trl_documents():
 def test_ingest_tasks_are_the_verifier_tasks():
     from components import params
     from components.data.verifier import PROMPT_STYLES, TASKS
+    from components.evaluation.prompting import PROMPTINGS
     from components.rag.chunking import MAX_CHUNK_CHARACTERS
+    from components.training.rewards import REWARDS
 
     assert params.TASKS == TASKS  # a copy (see components/params.py for why it is not imported)
     assert params.PROMPT_STYLES == PROMPT_STYLES
+    assert params.PROMPTINGS == PROMPTINGS
+    assert params.ALIGN_REWARDS == REWARDS
     assert params.MAX_CHUNK_CHARACTERS == MAX_CHUNK_CHARACTERS
     assert set(IngestConfig().tasks) <= set(TASKS)
     for task in TASKS:

@@ -115,6 +115,7 @@ def test_compute_keys_are_params_of_exactly_the_training_stages(stages, shipped)
         "compute.precision",
         "compute.processes",
         "compute.gradient_checkpointing",
+        "compute.checkpoint_steps",
     }
     assert TRAINING_STAGES <= set(stages)
     for name, stage in stages.items():

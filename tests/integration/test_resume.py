@@ -1,0 +1,90 @@
+"""A stage killed mid-training (SIGKILL) resumes from its last checkpoint and ends at the same weights.
+
+Each case runs the stage's real command (``python -m tasks.<stage>``) three times on the tiny
+project: once uninterrupted, once killed as soon as its first checkpoint is on disk, and once
+more, which must say it resumed and must save the weights the uninterrupted run saved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.slow
+
+# stage -> (upstream stages, params overrides that give it enough steps to be killed mid-way)
+CASES = {
+    "sft": ((), {"sft": {"epochs": 8}}),
+    "align": (("sft", "preferences"), {"align": {"method": "dpo", "dpo": {"epochs": 8, "batch_size": 4}}}),
+}
+OUTPUT = {"sft": "models/sft", "align": "models/aligned"}
+
+
+def _stage(project: Path, stage: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    return subprocess.Popen(
+        [sys.executable, "-m", f"tasks.{stage}"], cwd=project, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _weights(project: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(project / OUTPUT[stage] / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", sorted(CASES))
+def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, stage: str) -> None:
+    upstream, overrides = CASES[stage]
+    project = make_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["compute"]["checkpoint_steps"] = 5
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key] = {**params[section][key], **value}
+            else:
+                params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("base", "ingest", *upstream):
+        _finish(_stage(project, name))
+
+    _finish(_stage(project, stage))
+    uninterrupted = _weights(project, stage)
+    checkpoints = project / ".posttrain/checkpoints" / stage
+    assert not checkpoints.exists() or not any(checkpoints.iterdir()), "a finished stage keeps no checkpoints"
+
+    proc = _stage(project, stage)
+    deadline = time.monotonic() + 600
+    while not list(checkpoints.glob("*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the stage finished before a checkpoint could be killed into"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.2)  # let the checkpoint's last files land, as a real kill would find it
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    out = _finish(_stage(project, stage))
+    assert "resuming from" in out and "checkpoint-" in out
+    resumed = _weights(project, stage)
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert not checkpoints.exists(), "the resumed run cleared its checkpoints"
