@@ -317,7 +317,7 @@ class GRPOSettings:
     prompts_per_step: Count = 8
     num_generations: Generations = 8
     max_new_tokens: Count = 12
-    temperature: Positive = 1.0
+    temperature: Positive = 1.3  # sampling above the eval's 1.0 sharpens it
     beta: Annotated[float, Range(ge=0)] = 0.02
     loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -328,8 +328,8 @@ class GRPOSettings:
 class RLOOSettings:
     """TRL ``RLOOTrainer``: leave-one-out baseline over ``num_generations`` samples; KL in the reward."""
 
-    learning_rate: LearningRate = 1e-4
-    steps: Count = 300
+    learning_rate: LearningRate = 2e-4
+    steps: Count = 600
     prompts_per_step: Count = 8
     num_generations: Generations = 8
     max_new_tokens: Count = 12
@@ -345,21 +345,22 @@ class PPOConfig:
     toward over ``kl_horizon`` samples; 0 keeps the coefficient fixed.
     """
 
-    learning_rate: LearningRate = 1e-4
-    steps: Count = 60
-    batch_size: Count = 32
-    minibatch_size: Count = 16
+    learning_rate: LearningRate = 5e-5
+    value_learning_rate: LearningRate = 1e-2
+    steps: Count = 150
+    batch_size: Count = 64
+    minibatch_size: Count = 32
     ppo_epochs: Count = 2
     max_new_tokens: Count = 12
     temperature: Positive = 1.0
-    init_kl_coef: Annotated[float, Range(ge=0)] = 0.05
-    target_kl: Annotated[float, Range(ge=0)] = 1.0
+    init_kl_coef: Annotated[float, Range(ge=0)] = 0.1
+    target_kl: Annotated[float, Range(ge=0)] = 0.1
     kl_horizon: Count = 1000
     gamma: Annotated[float, Range(ge=0, le=1)] = 1.0
     lam: Annotated[float, Range(ge=0, le=1)] = 0.95
     clip_range: Annotated[float, Range(gt=0, lt=1)] = 0.2
     clip_range_value: Positive = 0.2
-    vf_coef: Annotated[float, Range(ge=0)] = 0.1
+    vf_coef: Annotated[float, Range(ge=0)] = 0.5
     max_grad_norm: Positive = 1.0
     missing_eos_penalty: Annotated[float, Range(ge=0)] = 1.0
 
@@ -387,6 +388,10 @@ class AlignConfig:
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     rloo: RLOOSettings = field(default_factory=RLOOSettings)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.peft.method != "lora":  # the KL reference and the report's start are the adapter disabled
+            yield "peft.method", "must be lora: the reference policy is SFT = the adapter disabled"
 
 
 @dataclass(frozen=True)

@@ -381,7 +381,14 @@ def train_ppo(
     generator = torch.Generator().manual_seed(seed)
     peft_model = get_peft_model(policy, peft_config)  # type: ignore[arg-type]
     model = PolicyWithValueHead(peft_model).to(next(policy.parameters()).device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
+    # the value head starts at zero and must catch up with the returns: it gets its own, larger rate
+    policy_params = [p for p in model.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": policy_params, "lr": s.learning_rate},
+            {"params": list(model.value_head.parameters()), "lr": s.value_learning_rate},
+        ]
+    )
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.target_kl or None, s.kl_horizon)
     history: list[dict[str, float]] = []
     order = torch.randperm(len(records), generator=generator).tolist()

@@ -68,10 +68,21 @@ def test_partial_section_overrides_only_given_keys(tmp_path):
 
 
 def test_nested_sections_build_nested_dataclasses():
-    params = parse_params({"align": {"peft": {"method": "none"}, "dpo": {"beta": 0.5}}})
+    params = parse_params({"align": {"peft": {"r": 4}, "dpo": {"beta": 0.5}}})
     assert isinstance(params.align.peft, PeftConfig)
-    assert params.align.peft.method == "none"
+    assert params.align.peft.r == 4
     assert params.align.dpo.beta == 0.5
+
+
+def test_align_needs_an_adapter_and_grpo_its_groups():
+    with pytest.raises(ConfigError, match=r"^align\.peft\.method: must be lora"):
+        parse_params({"align": {"peft": {"method": "none"}}})
+    with pytest.raises(ConfigError, match=r"^align\.grpo\.num_generations: must be >= 2, got 1"):
+        parse_params({"align": {"grpo": {"num_generations": 1}}})
+    with pytest.raises(ConfigError, match=r"^align\.grpo\.loss_type: "):
+        parse_params({"align": {"grpo": {"loss_type": "luspo"}}})
+    with pytest.raises(ConfigError, match=r"^align\.ppo\.minibatch_size: must be <= batch_size"):
+        parse_params({"align": {"ppo": {"batch_size": 4, "minibatch_size": 8}}})
 
 
 def test_yaml_lists_become_tuples(tmp_path):

@@ -1,0 +1,84 @@
+"""Rewards, prompting baselines and the compare table: small pure pieces of the alignment issue."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.evaluation.prompting import COT_INSTRUCTION, final_line, prompt_for, shots_by_task
+from components.training.rewards import RewardFunction
+from flows.compare import render, rows_from_exp_show
+
+
+def test_verifier_reward_gives_partial_credit_and_the_trl_wrapper_reads_conversations() -> None:
+    reward = RewardFunction("verifier")
+    records = [{"prompt": "reverse abcd", "answer": "dcba"}] * 3
+    assert reward(records, ["dcba", "dcbx", "zzzz"]) == [1.0, 0.5 * 3 / 4, 0.0]
+    trl = reward.trl()
+    assert trl.__name__ == "verifier_reward"
+    got = trl(
+        prompts=[[{"role": "user", "content": "reverse abcd"}]] * 2,
+        completions=[[{"role": "assistant", "content": " dcba "}], [{"role": "assistant", "content": "x"}]],
+        answer=["dcba", "dcba"],
+    )
+    assert got == [1.0, 0.0]
+
+
+def test_a_reward_needing_the_rm_refuses_to_start_without_it() -> None:
+    with pytest.raises(ValueError, match="needs the reward model"):
+        RewardFunction("rm")
+    with pytest.raises(ValueError, match="unknown reward"):
+        RewardFunction("judge")
+
+
+def test_prompting_styles_build_the_conversations_they_claim() -> None:
+    def example(question: str, answer: str, task: str) -> dict:
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"messages": turns, "task": task}
+
+    train = [example(f"add {i} and 1", str(i + 1), "add") for i in range(5)] + [
+        example("reverse ab", "ba", "reverse")
+    ]
+    shots = shots_by_task(train, k=2)
+    assert shots == {"add": [("add 0 and 1", "1"), ("add 1 and 1", "2")], "reverse": [("reverse ab", "ba")]}
+    record = {"prompt": "add 7 and 8", "answer": "15", "task": "add"}
+    assert prompt_for("zero_shot", record, shots) == "add 7 and 8"
+    assert prompt_for("cot", record, shots) == f"add 7 and 8\n{COT_INSTRUCTION}"
+    few = prompt_for("few_shot", record, shots)
+    assert [t["role"] for t in few] == ["user", "assistant", "user", "assistant", "user"]
+    assert few[-1]["content"] == "add 7 and 8" and few[1]["content"] == "1"
+    assert final_line("7 + 8: 7 + 8 = 15\n\n  15  \n") == "15"
+    assert final_line("") == ""
+
+
+def _exp(name: str, method: str, greedy: float, kl: float) -> dict:
+    return {
+        "rev": name * 4,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"align": {"method": method, "reward": "verifier"}}}},
+            "metrics": {
+                "metrics/align.json": {
+                    "data": {"reward_mean_start": 0.6, "reward_mean_end": 0.7, "kl_to_ref": kl}
+                },
+                "metrics/evaluate.json": {
+                    "data": {"aligned": {"accuracy": greedy}, "sft": {"accuracy": 0.5}}
+                },
+            },
+        },
+    }
+
+
+def test_compare_rows_come_from_dvc_exp_show_one_per_distinct_result() -> None:
+    show = [
+        _exp("workspace", "grpo", 0.8, 0.1),
+        {**_exp("main", "grpo", 0.8, 0.1), "experiments": [{"revs": [_exp("exp-ppo", "ppo", 0.7, 0.3)]}]},
+        {"rev": "x", "name": "old", "data": {"params": {}, "metrics": {}}},  # no align metrics: skipped
+    ]
+    rows = rows_from_exp_show(show)
+    assert [(r["experiment"], r["method"], r["greedy"], r["kl_to_ref"]) for r in rows] == [
+        ("workspace", "grpo", 0.8, 0.1),
+        ("exp-ppo", "ppo", 0.7, 0.3),
+    ]
+    table = render(rows, markdown=True).splitlines()
+    assert table[0].startswith("| experiment | method | reward | greedy |")
+    assert "| exp-ppo | ppo | verifier | 0.700 |" in table[3]
