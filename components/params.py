@@ -317,7 +317,7 @@ class GRPOSettings:
     prompts_per_step: Count = 8
     num_generations: Generations = 8
     max_new_tokens: Count = 12
-    temperature: Positive = 1.3  # sampling above the eval's 1.0 sharpens it
+    temperature: Positive = 1.0
     beta: Annotated[float, Range(ge=0)] = 0.02
     loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
