@@ -23,12 +23,13 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt
     ]
 
 
-def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows padded on the left, as decoder-only generation wants."""
     width = max(len(x) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids, mask
 
@@ -51,7 +52,7 @@ def generate(
     all_ids = chat_prompt_ids(tokenizer, prompts)
     out: list[list[str]] = []
     for start in range(0, len(all_ids), batch_size):
-        ids, mask = _left_pad(all_ids[start : start + batch_size], tokenizer.pad_token_id)
+        ids, mask = left_pad(all_ids[start : start + batch_size], tokenizer.pad_token_id)
         sampling = temperature > 0
         gen = model.generate(
             input_ids=ids,

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from components.evaluation.generate import left_pad
 from components.params import PPOConfig
 
 # (prompt records, response texts) -> one score per response
@@ -234,15 +235,33 @@ def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
 # --------------------------------------------------------------------------- training
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of token-id rows padded on the left, as decoder-only generation wants."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
+def sample_responses(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    num_return_sequences: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled responses to left-padded prompts: (tokens, padded after the first EOS; mask; finished)."""
+    generated = policy.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=None,
+        top_k=None,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    response = generated[:, ids.shape[1] :]
+    mask, finished = response_mask(response, tokenizer.eos_token_id)
+    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    return response, mask, finished
 
 
 @dataclass
@@ -274,20 +293,9 @@ def rollout(
     device = model.value_head.weight.device
     ids, attn = (t.to(device) for t in left_pad(prompt_ids, tokenizer.pad_token_id))
     n_prompt = ids.shape[1]
-    generated = model.policy.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        max_new_tokens=s.max_new_tokens,
-        do_sample=True,
-        temperature=s.temperature,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    response, mask, finished = sample_responses(
+        model.policy, tokenizer, ids, attn, max_new_tokens=s.max_new_tokens, temperature=s.temperature
     )
-    response = generated[:, n_prompt:]
-    mask, finished = response_mask(response, tokenizer.eos_token_id)
-    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     input_ids = torch.cat([ids, response], dim=1)
     attention = torch.cat([attn, mask.long()], dim=1)
     logits, values = model(input_ids, attention)

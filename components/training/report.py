@@ -19,8 +19,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from components.data.verifier import verify
-from components.evaluation.generate import chat_prompt_ids
-from components.training.ppo import left_pad, position_ids, response_logprobs, response_mask
+from components.evaluation.generate import chat_prompt_ids, left_pad
+from components.training.ppo import position_ids, response_logprobs, sample_responses
 from components.training.rewards import RewardFunction
 
 
@@ -42,22 +42,11 @@ def _sample(
         ids, attn = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_token_id)
         ids, attn = ids.to(model.device), attn.to(model.device)
         with nullcontext() if use_adapter else model.disable_adapter():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_p=None,
-                top_k=None,
+            response, mask, _ = sample_responses(
+                model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature,
                 num_return_sequences=n_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            )  # fmt: skip
         n_prompt = ids.shape[1]
-        response = out[:, n_prompt:]
-        mask, _ = response_mask(response, tokenizer.eos_token_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
         texts.extend(t.strip() for t in tokenizer.batch_decode(response, skip_special_tokens=True))
         if use_adapter:
             full = torch.cat([ids.repeat_interleave(n_samples, dim=0), response], dim=1)
