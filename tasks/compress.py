@@ -1,72 +1,166 @@
-"""Stage ``compress``: merge the aligned adapter into full-precision weights, then quantize.
+"""Stage ``compress``: merge the aligned adapter into full-precision weights, then compress the merge.
 
 Output layout (``paths.compressed_model``): ``merged/`` (the full-precision merged model in
 transformers format, which ``tasks/promote.py`` registers in MLflow as
-``tracking.registered_model``) and, beside it unless ``compress.quantization: none``,
-``model.int8.safetensors`` + ``config.json`` + tokenizer (the quantized model). ``config.yaml``'s
-``quantization`` says which method wrote it; ``load_compressed(dir)`` loads it accordingly.
+``tracking.registered_model``) and, beside it unless ``compress.method: none``, the compressed
+model: ``config.json`` + tokenizer + the method's weights file (``model.int8.safetensors``,
+``model.int4.safetensors`` or ``bitdelta.safetensors`` + ``bitdelta.json``, which names the base
+the delta belongs to). ``config.yaml``'s ``method`` says which method wrote it;
+``components.compression.methods.load_compressed(dir)`` loads it accordingly.
+
+Every method is measured against the merged model on the same held-out prompts
+(``metrics/compress.json``): size (``compression_ratio``; for ``bitdelta`` the delta file alone,
+since the base is shared by every fine-tune of it), ``fidelity_kl`` (mean token KL on reference
+answers), ``accuracy_delta`` (greedy exact-match accuracy, compressed minus merged) and
+``speed_ratio`` (greedy generation tokens/s, compressed over merged, measured side by side).
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.artifacts import atomic_dir, describe_output
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from components.artifacts import atomic_dir, describe_output, write_text_atomic
+from components.compression.methods import BITDELTA_BASE_FILE, load_compressed
 from components.compression.quantize import (
     dir_size,
-    load_compressed,
     mean_token_kl,
-    quantize_dynamic_int8,
+    quantize_int4_weight,
+    quantize_int8_dynamic,
     quantize_int8_weight,
     save_int8,
-    save_int8_weight,
+    save_weight_only,
 )
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
-from components.models.loading import load_tokenizer, require_dir, save_model
-from components.params import Params
+from components.data.verifier import verify
+from components.evaluation.generate import generate
+from components.models.loading import load_causal_lm, load_tokenizer, require_dir, save_model
+from components.params import BitDeltaConfig, Params
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from tasks.stage import stage_command
 
 
+def conversation_ids(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]]
+) -> list[list[int]]:
+    return [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
+
+
+def greedy_accuracy_and_speed(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[dict[str, str]],
+    max_new_tokens: int,
+) -> tuple[float, float]:
+    """(exact-match accuracy, generated tokens per second) of greedy answers to ``prompts``."""
+    start = time.perf_counter()
+    outputs = generate(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(tokenizer(o[0], add_special_tokens=False)["input_ids"]) + 1 for o in outputs)
+    accuracy = sum(verify(o[0], p["answer"]) for o, p in zip(outputs, prompts, strict=True)) / len(prompts)
+    return accuracy, tokens / seconds
+
+
+def bitdelta(
+    merged: nn.Module, base_dir: Path, calibration: list[list[int]], cfg: BitDeltaConfig, out: Path
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Build, distil and save the Bit-Delta of ``merged`` over the base; (metrics, distillation history)."""
+    from components.compression import bitdelta as bd
+
+    base = load_causal_lm(base_dir)
+    student = bd.build_bitdelta_model(base, merged)
+    kl_before = bd.mean_kl(merged, student, calibration[: min(len(calibration), 32)])
+    history = bd.distill_scales(
+        student,
+        merged,
+        calibration,
+        objective=cfg.objective,
+        steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        progress=True,
+    )
+    kl_after = bd.mean_kl(merged, student, calibration[: min(len(calibration), 32)])
+    bd.save_bitdelta(student, out, bd.base_weights_hash(base))
+    write_text_atomic(out / BITDELTA_BASE_FILE, json.dumps({"base_model": base_dir.as_posix()}) + "\n")
+    fp16_bytes, packed_bytes = bd.delta_bytes(student)
+    metrics = {
+        "delta_compression_vs_fp16": fp16_bytes / packed_bytes,
+        "delta_bytes_fp16": fp16_bytes,
+        "delta_bytes_packed": packed_bytes,
+        "kl_before_distill": kl_before,
+        "kl_after_distill": kl_after,
+        "n_calibration": len(calibration),
+    }
+    return metrics, history
+
+
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     cfg = params.compress
+    processed = Path(params.paths.processed)
     aligned = require_dir(params.paths.aligned_model, "aligned model")
     tokenizer = load_tokenizer(aligned)
     merged = load_policy(aligned)  # adapters merged in fp32, never into a quantized base
-    prompts = read_jsonl(Path(params.paths.processed) / "eval_prompts.jsonl")[: cfg.n_fidelity_prompts]
-    sequences = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["answer"]}],
-            tokenize=True,
-            return_dict=False,
-        )
-        for p in prompts
-    ]
+    prompts = read_jsonl(processed / "eval_prompts.jsonl")[: cfg.n_fidelity_prompts]
+    sequences = conversation_ids(
+        tokenizer,
+        [
+            [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["answer"]}]
+            for p in prompts
+        ],
+    )
+    max_new_tokens = params.evaluate.max_new_tokens
     out = Path(params.paths.compressed_model)
+    extra: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
         save_model(merged, tokenizer, tmp / "merged")
-        if cfg.quantization == "int8_weight":
-            save_int8_weight(quantize_int8_weight(merged), tmp)
-        elif cfg.quantization == "dynamic_int8":
-            save_int8(quantize_dynamic_int8(merged), tmp)
-        if cfg.quantization != "none":
+        if cfg.method in ("int8_weight", "int4_weight"):
+            quantize = quantize_int8_weight if cfg.method == "int8_weight" else quantize_int4_weight
+            save_weight_only(quantize(merged), tmp, cfg.method)
+        elif cfg.method == "int8_dynamic":
+            save_int8(quantize_int8_dynamic(merged), tmp)
+        elif cfg.method == "bitdelta":
+            base_dir = require_dir(params.paths.base_model, "base model")
+            calibration = conversation_ids(
+                tokenizer,
+                [
+                    r["messages"]
+                    for r in read_jsonl(processed / "sft_train.jsonl")[: cfg.bitdelta.n_calibration]
+                ],
+            )
+            extra, history = bitdelta(merged, base_dir, calibration, cfg.bitdelta, tmp)
+            for row in history:
+                tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
+        if cfg.method != "none":
             merged.config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         # Reload from disk: fidelity is measured on what was saved. config.yaml (which names the
         # method for every later load) is written last, so the method is passed here.
-        compressed = load_compressed(tmp, cfg.quantization)
+        compressed = load_compressed(tmp, cfg.method)
         size_full = dir_size(tmp / "merged")
-        size_compressed = dir_size(tmp) if cfg.quantization != "none" else size_full
+        size_compressed = dir_size(tmp) if cfg.method != "none" else size_full
+        merged_accuracy, merged_speed = greedy_accuracy_and_speed(merged, tokenizer, prompts, max_new_tokens)
+        accuracy, speed = greedy_accuracy_and_speed(compressed, tokenizer, prompts, max_new_tokens)
         metrics = {
-            "quantization": cfg.quantization,
+            "method": cfg.method,
             "size_bytes_full": size_full,
             "size_bytes_compressed": size_compressed,
             "compression_ratio": size_full / size_compressed,
             "fidelity_kl": mean_token_kl(merged, compressed, sequences),
+            "accuracy_merged": merged_accuracy,
+            "accuracy_compressed": accuracy,
+            "accuracy_delta": accuracy - merged_accuracy,
+            "speed_ratio": speed / merged_speed,
             "n_fidelity_prompts": len(sequences),
+            **extra,
         }
         describe_output(
             tmp,

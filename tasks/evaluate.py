@@ -4,7 +4,7 @@ Writes ``metrics/evaluate.json`` (``{"base": {...}, "sft": ..., "aligned": ..., 
 plus ``reward_model_pairwise_accuracy``, ``kl_aligned_vs_sft``, the suite's fingerprint and the
 candidate-vs-SFT half of the gate), ``plots/evaluate_accuracy.csv`` (+ ``.png``) and every greedy answer
 (``paths.evaluation``/answers.json). The candidate is what would be deployed: the compressed
-model, which is the merged model when ``compress.quantization: none``.
+model, which is the merged model when ``compress.method: none``.
 
 The champion half of the gate is not decided here: the champion lives in the MLflow registry,
 outside the lineage, and a stage whose output depended on it could not be reproduced from
@@ -19,7 +19,8 @@ from typing import Any
 
 from components.artifacts import atomic_dir, describe_output
 from components.charts import bar_chart
-from components.compression.quantize import load_compressed, mean_token_kl
+from components.compression.methods import load_compressed
+from components.compression.quantize import mean_token_kl
 from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.evaluation.gate import promotion_decision, suite_fingerprint

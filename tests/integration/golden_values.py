@@ -80,13 +80,18 @@ ALIGN = {
 }
 
 COMPRESS = {
-    "quantization": "int8_weight",
+    "method": "int8_weight",
     "n_fidelity_prompts": 8,
+    "accuracy_merged": 0.0,
+    "accuracy_compressed": 0.0,
+    "accuracy_delta": 0.0,
     "size_bytes_full": 161496,
     "size_bytes_compressed": 76168,
     "compression_ratio": 161496 / 76168,
-    "fidelity_kl": 5.746647813752154e-07,
 }
+# fidelity_kl is float32 rounding noise at this size (5.7e-07 on one CPU, 6.1e-07 on another):
+# bounded in the test instead of pinned.
+COMPRESS_MAX_FIDELITY_KL = 1e-5
 
 # evaluate: only the per-model suite numbers and the RM/KL figures. The promotion/gate fields
 # are being redesigned and are deliberately not pinned. The tiny policy gets nothing right, so

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory):
     root = make_project(tmp_path_factory.mktemp("gate") / "project")
-    edit(root, {"tracking": {"log_models": "all"}, "compress": {"quantization": "none"}})
+    edit(root, {"tracking": {"log_models": "all"}, "compress": {"method": "none"}})
     edit(root, {"evaluate": {"promotion_metric": "reward_mean"}, "align": {"dpo": {"learning_rate": 0.0}}})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

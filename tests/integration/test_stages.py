@@ -378,6 +378,8 @@ def test_compress_merges_exactly_and_quantizes_smaller(project: Path) -> None:
     metrics, _ = run_stage("compress")
     out = project / "models/compressed"
     assert output_files(out) == golden.COMPRESSED_FILES
+    assert metrics.pop("speed_ratio") > 0  # a timing, measured side by side: not pinned
+    assert 0 < metrics.pop("fidelity_kl") < golden.COMPRESS_MAX_FIDELITY_KL
     assert_golden(metrics, golden.COMPRESS)
     from peft import PeftModel
 
@@ -392,6 +394,49 @@ def test_compress_merges_exactly_and_quantizes_smaller(project: Path) -> None:
             load_causal_lm(out / "merged")(ids).logits, unmerged(ids).logits, atol=1e-5, rtol=1e-5
         )
     assert metrics["compression_ratio"] == metrics["size_bytes_full"] / metrics["size_bytes_compressed"]
+
+
+def test_compress_bitdelta_and_int4_write_loadable_smaller_models(project: Path) -> None:
+    """The other methods, each into its own directory (the evaluate test reads the default's)."""
+    import dataclasses
+
+    from components.compression import bitdelta
+    from components.compression.methods import load_compressed
+    from components.compression.quantize import INT4_FILE, mean_token_kl
+    from components.models.loading import load_causal_lm
+    from tasks import compress
+
+    params = load_params("params.yaml")
+    merged = load_causal_lm(project / "models/compressed/merged")
+    base = load_causal_lm(project / "models/base")
+    ids = [[5, 6, 7, 8, 9, 10, 11, 12]]
+    results = {}
+    for method in ("bitdelta", "int4_weight"):
+        out = f"models/compressed-{method}"
+        cfg = dataclasses.replace(
+            params.compress,
+            method=method,
+            bitdelta=dataclasses.replace(params.compress.bitdelta, steps=20, n_calibration=16),
+        )
+        run_params = dataclasses.replace(
+            params, compress=cfg, paths=dataclasses.replace(params.paths, compressed_model=out)
+        )
+        results[method] = compress.run(run_params, RecordingTracker())
+        assert results[method]["method"] == method
+        assert {"compression_ratio", "fidelity_kl", "accuracy_delta", "speed_ratio"} <= set(results[method])
+        assert load_compressed(project / out)(torch.tensor(ids)).logits.shape[-1] == merged.config.vocab_size
+    # Bit-Delta: one bit per weight (+ a scale per matrix), and the base is what it adds to.
+    bd = results["bitdelta"]
+    fp16_bytes, packed_bytes = bitdelta.delta_bytes(project / "models/compressed-bitdelta")
+    assert bd["delta_compression_vs_fp16"] == fp16_bytes / packed_bytes >= 15.5
+    assert bd["kl_after_distill"] < bd["kl_before_distill"]
+    assert bd["fidelity_kl"] < mean_token_kl(merged, base, ids)  # the delta carries the fine-tune
+    with pytest.raises(ValueError, match="base"):
+        load_compressed(project / "models/compressed-bitdelta", base=project / "models/compressed/merged")
+    # int4: two weights per byte, so a smaller file than int8's, at some fidelity cost
+    assert (project / "models/compressed-int4_weight" / INT4_FILE).is_file()
+    assert results["int4_weight"]["size_bytes_compressed"] < golden.COMPRESS["size_bytes_compressed"]
+    assert results["int4_weight"]["fidelity_kl"] > golden.COMPRESS_MAX_FIDELITY_KL  # coarser than int8
 
 
 def test_evaluate_scores_every_model_on_one_suite(project: Path) -> None:

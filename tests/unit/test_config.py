@@ -516,6 +516,10 @@ NONSENSE = [
     ("align.dpo.loss_weights", [0, 0], "align.dpo.loss_weights", r"at least one weight must be > 0"),
     # compress and evaluate
     ("compress.n_fidelity_prompts", 0, "compress.n_fidelity_prompts", r"must be >= 1"),
+    ("compress.method", "int3", "compress.method", r"expected one of \['int8_weight', "),
+    ("compress.bitdelta.objective", "l1", "compress.bitdelta.objective", r"expected one of \['kl', 'mse'\]"),
+    ("compress.bitdelta.steps", -1, "compress.bitdelta.steps", r"must be >= 0"),
+    ("compress.bitdelta.n_calibration", 0, "compress.bitdelta.n_calibration", r"must be >= 1"),
     ("evaluate.max_new_tokens", 0, "evaluate.max_new_tokens", r"must be >= 1"),
     ("evaluate.batch_size", 0, "evaluate.batch_size", r"must be >= 1"),
     ("evaluate.sample_temperature", 0.0, "evaluate.sample_temperature", r"must be > 0"),

@@ -1,4 +1,4 @@
-"""int8 quantization (weight-only per channel, and dynamic): maths, save/load round trip, size,
+"""int8/int4 quantization (weight-only per channel or group, and dynamic): maths, save/load round trip, size,
 how a compressed directory says it is loaded, and the KL fidelity metric (tiny Llama, CPU)."""
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from components.compression.methods import compressed_method, load_compressed
 from components.compression.quantize import (
+    INT4_FILE,
     INT8_FILE,
+    Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
-    compressed_quantization,
+    dequantize_int4_groups,
     dir_size,
-    load_compressed,
     load_int8,
     load_int8_weight,
     mean_token_kl,
-    quantize_dynamic_int8,
+    quantize_int4_groups,
+    quantize_int4_weight,
+    quantize_int8_dynamic,
     quantize_int8_per_channel,
     quantize_int8_weight,
     save_int8,
     save_int8_weight,
+    save_weight_only,
 )
 
 VOCAB = 64
@@ -49,18 +54,18 @@ def _tiny_llama(tie_word_embeddings: bool = False) -> LlamaForCausalLM:
 def _mark(model_dir: Path, quantization: str) -> None:
     """What the compress stage writes last: config.yaml naming the method."""
     (Path(model_dir) / "config.yaml").write_text(
-        yaml.safe_dump({"quantization": quantization, "n_fidelity_prompts": 8}, sort_keys=False)
+        yaml.safe_dump({"method": quantization, "n_fidelity_prompts": 8}, sort_keys=False)
     )
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     model = _tiny_llama()
-    qmodel = quantize_dynamic_int8(model)
+    qmodel = quantize_int8_dynamic(model)
     int8_dir = tmp_path_factory.mktemp("int8")
     path = save_int8(qmodel, int8_dir)
     model.config.save_pretrained(int8_dir)
-    _mark(int8_dir, "dynamic_int8")
+    _mark(int8_dir, "int8_dynamic")
     float_dir = tmp_path_factory.mktemp("float")
     model.save_pretrained(float_dir)
     g = torch.Generator().manual_seed(1)
@@ -179,7 +184,7 @@ def test_load_int8_reproduces_the_saved_model(models, poison_uninitialized_memor
 
 
 def test_load_compressed_reads_dynamic_int8_from_config_yaml(models):
-    assert compressed_quantization(models["int8_dir"]) == "dynamic_int8"
+    assert compressed_method(models["int8_dir"]) == "int8_dynamic"
     assert _quantized_linears(load_compressed(models["int8_dir"]))
 
 
@@ -282,7 +287,7 @@ def test_weight_only_is_robust_to_an_activation_outlier_that_breaks_dynamic_int8
         return ((out[1:] - ref[1:]).norm() / ref[1:].norm()).item()
 
     weight_only = rel_err_other_tokens(Int8WeightOnlyLinear.from_linear(linear)(x))
-    dynamic = rel_err_other_tokens(quantize_dynamic_int8(nn.Sequential(linear))(x))
+    dynamic = rel_err_other_tokens(quantize_int8_dynamic(nn.Sequential(linear))(x))
     assert weight_only < 0.01  # measured 0.004
     assert dynamic > 0.5  # measured 0.99: the other tokens' outputs are mostly lost
 
@@ -335,7 +340,7 @@ def test_save_int8_weight_writes_int8_weights_scales_and_no_float_copies(weight_
 
 
 def test_load_compressed_reads_int8_weight_from_config_yaml(weight_only, poison_uninitialized_memory):
-    assert compressed_quantization(weight_only["dir"]) == "int8_weight"
+    assert compressed_method(weight_only["dir"]) == "int8_weight"
     loaded = load_compressed(weight_only["dir"])
     assert not loaded.training
     for name, module in weight_only["qmodel"].named_modules():
@@ -386,8 +391,8 @@ def test_load_compressed_needs_config_yaml_and_a_matching_file(weight_only, tmp_
     with pytest.raises(FileNotFoundError, match=INT8_FILE):
         load_compressed(tmp_path)
     # config.yaml and the weights file disagree: an error, not a silent misread
-    with pytest.raises(ValueError, match="dynamic_int8"):
-        load_compressed(weight_only["dir"], "dynamic_int8")
+    with pytest.raises(ValueError, match="int8_dynamic"):
+        load_compressed(weight_only["dir"], "int8_dynamic")
 
 
 def test_load_int8_weight_reports_missing_tensors(weight_only, tmp_path):
@@ -397,3 +402,63 @@ def test_load_int8_weight_reports_missing_tensors(weight_only, tmp_path):
     weight_only["model"].config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="down_proj.scale"):
         load_int8_weight(tmp_path)
+
+
+# ----------------------------------------------------------------- int4_weight
+
+
+def test_int4_packs_two_weights_per_byte_and_rounds_to_the_nearest_step():
+    # one group of 4 inputs: max |w| = 7 -> scale 1, so the int4 values are the rounded weights
+    w = torch.tensor([[7.0, -3.2, 0.4, -8.0], [1.0, 2.0, -1.0, 0.0]])
+    packed, scale = quantize_int4_groups(w, group_size=4)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 2)
+    assert torch.equal(scale, torch.tensor([[8.0 / 7], [2.0 / 7]]))
+    # row 0 in steps of 8/7: [6.125, -2.8, 0.35, -7] -> [6, -3, 0, -7], stored +8, low nibble first
+    assert packed[0].tolist() == [(6 + 8) | ((-3 + 8) << 4), (0 + 8) | ((-7 + 8) << 4)]
+    back = dequantize_int4_groups(packed, scale, in_features=4)
+    assert torch.allclose(back[0], torch.tensor([6, -3, 0, -7]) * (8.0 / 7))
+    assert (back - w).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_int4_groups_bound_the_error_per_group_and_odd_widths_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(6, 64)
+    w[:, :32] *= 100  # one loud group must not coarsen the quiet one
+    packed, scale = quantize_int4_groups(w, group_size=32)
+    back = dequantize_int4_groups(packed, scale, 64)
+    assert scale.shape == (6, 2)
+    assert (back[:, 32:] - w[:, 32:]).abs().max() <= scale[:, 1].max() / 2 + 1e-6
+    odd = torch.randn(3, 7)  # 7 inputs: one group per row, the last byte half padding
+    packed, scale = quantize_int4_groups(odd, group_size=7)
+    assert packed.shape == (3, 4)
+    assert (dequantize_int4_groups(packed, scale, 7) - odd).abs().max() <= scale.max() / 2 + 1e-6
+
+
+def test_int4_weight_model_round_trips_and_stores_half_of_int8(tmp_path):
+    model = _tiny_llama(tie_word_embeddings=True)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    q4 = quantize_int4_weight(model)
+    assert any(isinstance(m, Int4WeightOnlyLinear) for m in q4.modules())
+    assert q4.lm_head.weight is q4.model.embed_tokens.weight  # tied head stays tied, full precision
+    save_weight_only(q4, tmp_path, "int4_weight")
+    model.config.save_pretrained(tmp_path)
+    _mark(tmp_path, "int4_weight")
+    loaded = load_compressed(tmp_path)
+    assert torch.equal(_logits(loaded, ids), _logits(q4, ids))
+    tensors = load_file(str(tmp_path / INT4_FILE))
+    qweights = {k: v for k, v in tensors.items() if k.endswith(".qweight")}
+    assert qweights and all(v.dtype == torch.uint8 for v in qweights.values())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    assert sum(v.numel() for v in qweights.values()) * 2 == sum(m.weight.numel() for m in linears.values())
+    save_int8_weight(quantize_int8_weight(model), tmp_path)
+
+    def quantized_bytes(path: Path) -> int:  # int weights + their scales; the fp32 rest is shared
+        tensors = load_file(str(path))
+        return sum(
+            v.numel() * v.element_size() for k, v in tensors.items() if k.endswith((".qweight", ".scale"))
+        )
+
+    # 0.5 byte per weight + a 4-byte scale per 32, vs 1 byte + a 4-byte scale per row
+    assert quantized_bytes(tmp_path / INT4_FILE) < 0.6 * quantized_bytes(tmp_path / INT8_FILE)
+    assert dir_size(tmp_path, INT4_FILE) < dir_size(tmp_path, INT8_FILE)
+    assert mean_token_kl(model, loaded, [[1, 2, 3, 4, 5, 6]]) > 0  # lossy, but a real model
