@@ -66,6 +66,22 @@ def bar_chart(
     return _save(fig, path)
 
 
+def scatter_chart(
+    path: Path | str, points: Mapping[str, tuple[float, float]], xlabel: str, ylabel: str, title: str
+) -> Path:
+    """One labelled point per entry: e.g. each compression method's size ratio against accuracy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path | str) -> Path:  # noqa: ANN001 - a matplotlib Figure
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

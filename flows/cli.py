@@ -161,15 +161,16 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from flows.compare import chart, exp_show, render, rows_from_exp_show
 
-    rows = rows_from_exp_show(exp_show("."))
+    rows = rows_from_exp_show(exp_show("."), args.view)
     if not rows:
         print(
-            "posttrain compare: no result with metrics/align.json yet (run the pipeline first)",
+            f"posttrain compare: no result with metrics/{args.view}.json yet (run the pipeline first)",
             file=sys.stderr,
         )
         return 1
-    print(render(rows, markdown=args.markdown), end="")
-    print(f"chart: {chart(rows, args.png)}")
+    print(render(rows, markdown=args.markdown, view=args.view), end="")
+    png = args.png or ("plots/compare.png" if args.view == "align" else f"plots/compare_{args.view}.png")
+    print(f"chart: {chart(rows, png, args.view)}")
     return 0
 
 
@@ -335,14 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="alignment methods side by side: a table and a PNG over `dvc exp show`",
+        help="alignment or compression methods side by side: a table and a PNG over `dvc exp show`",
         description="One row per distinct result among the workspace, the last commit and its DVC "
-        "experiments (e.g. `dvc exp run -S align.method=grpo`): the method and reward, the aligned "
-        "model's greedy and sampled accuracy and mean reward on the held-out suite next to SFT's, "
-        "align's held-out reward before and after, KL to SFT, wall time and peak memory "
-        "(metrics/align.json and metrics/evaluate.json of the same lineage).",
+        "experiments. `compare align` (the default; e.g. after `dvc exp run -S align.method=grpo`): "
+        "the method and reward, the aligned model's greedy and sampled accuracy and mean reward on "
+        "the held-out suite next to SFT's, align's held-out reward before and after, KL to SFT, wall "
+        "time and peak memory (metrics/align.json and metrics/evaluate.json of the same lineage). "
+        "`compare compress` (e.g. after `dvc exp run -S compress.method=bitdelta`): size ratio, "
+        "fidelity KL, accuracy delta and generation speed ratio against the merged model, the "
+        "candidate's held-out accuracy, and a PNG of size ratio against accuracy.",
     )
-    compare.add_argument("--png", default="plots/compare.png", help="chart path (default: plots/compare.png)")
+    compare.add_argument(
+        "view",
+        nargs="?",
+        choices=("align", "compress"),
+        default="align",
+        help="which methods (default: align)",
+    )
+    compare.add_argument(
+        "--png", default=None, help="chart path (default: plots/compare.png, plots/compare_compress.png)"
+    )
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table (for a README)")
     compare.set_defaults(func=cmd_compare)
 

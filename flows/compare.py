@@ -1,4 +1,4 @@
-"""``posttrain compare``: alignment methods side by side, from ``dvc exp show``.
+"""``posttrain compare [align|compress]``: methods side by side, from ``dvc exp show``.
 
 Each ``dvc exp run -S align.method=<m>`` is an experiment whose ``metrics/align.json`` and
 ``metrics/evaluate.json`` belong to the same lineage, so this reads them from DVC rather than
@@ -7,6 +7,11 @@ experiment): the method and its reward, the aligned model's greedy and sampled a
 mean verifier reward on the held-out suite (with SFT's for reference), align's own held-out
 report (reward before/after, KL to SFT), its wall time and peak memory. The same rows are drawn
 as a PNG bar chart.
+
+The ``compress`` view does the same for ``dvc exp run -S compress.method=<m>``: size ratio,
+fidelity KL, accuracy delta and generation speed ratio against the merged model
+(``metrics/compress.json``), the candidate's held-out accuracy (``metrics/evaluate.json``), and
+a PNG of size ratio against accuracy.
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "peak_mb": ("align", "peak_memory_mb"),
 }
 CHART_COLUMNS = ("greedy", "sampled", "reward_mean")
+COMPRESS_COLUMNS: dict[str, tuple[str, str]] = {
+    "method": ("params", "compress.method"),
+    "size_ratio": ("compress", "compression_ratio"),
+    "fidelity_kl": ("compress", "fidelity_kl"),
+    "accuracy_delta": ("compress", "accuracy_delta"),
+    "speed_ratio": ("compress", "speed_ratio"),
+    "candidate_greedy": ("evaluate", "compressed.accuracy"),
+    "aligned_greedy": ("evaluate", "aligned.accuracy"),
+    "delta_vs_fp16": ("compress", "delta_compression_vs_fp16"),
+}
+# view -> (columns, the metrics file a result must have to be a row)
+VIEWS: dict[str, tuple[dict[str, tuple[str, str]], str]] = {
+    "align": (COLUMNS, "align"),
+    "compress": (COMPRESS_COLUMNS, "compress"),
+}
 
 
 def _get(data: dict[str, Any], dotted: str) -> Any:
@@ -59,8 +79,9 @@ def _entries(show: Sequence[dict[str, Any]]) -> Iterator[tuple[str, dict[str, An
                     yield rev.get("name") or rev.get("rev", "")[:7], rev["data"]
 
 
-def rows_from_exp_show(show: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per distinct (params, metrics) result; entries without align metrics are skipped."""
+def rows_from_exp_show(show: Sequence[dict[str, Any]], view: str = "align") -> list[dict[str, Any]]:
+    """One row per distinct (params, metrics) result; entries without the view's metrics are skipped."""
+    columns, required = VIEWS[view]
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for label, data in _entries(show):
@@ -69,11 +90,11 @@ def rows_from_exp_show(show: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             Path(name).stem: (value or {}).get("data") or {}
             for name, value in (data.get("metrics") or {}).items()
         }
-        if not metrics.get("align"):
+        if not metrics.get(required):
             continue
         sources = {"params": params, **metrics}
         row = {"experiment": label}
-        row |= {col: _get(sources.get(src, {}), key) for col, (src, key) in COLUMNS.items()}
+        row |= {col: _get(sources.get(src, {}), key) for col, (src, key) in columns.items()}
         fingerprint = json.dumps({k: v for k, v in row.items() if k != "experiment"}, sort_keys=True)
         if fingerprint in seen:
             continue
@@ -90,8 +111,8 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    header = ["experiment", *COLUMNS]
+def render(rows: Sequence[dict[str, Any]], markdown: bool = False, view: str = "align") -> str:
+    header = ["experiment", *VIEWS[view][0]]
     cells = [[_cell(r.get(c)) for c in header] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -100,8 +121,24 @@ def render(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return "\n".join(_table(header, cells)) + "\n"
 
 
-def chart(rows: Sequence[dict[str, Any]], path: Path | str) -> Path:
-    from components.charts import bar_chart
+def chart(rows: Sequence[dict[str, Any]], path: Path | str, view: str = "align") -> Path:
+    from components.charts import bar_chart, scatter_chart
+
+    if view == "compress":
+        points = {
+            f"{r['experiment']} {r.get('method') or '?'}": (
+                float(r.get("size_ratio") or 0.0),
+                float(r.get("candidate_greedy") or 0.0),
+            )
+            for r in rows
+        }
+        return scatter_chart(
+            path,
+            points,
+            xlabel="size ratio (merged fp32 / compressed)",
+            ylabel="candidate greedy accuracy",
+            title="compression methods: size against held-out accuracy",
+        )
 
     named = {}
     for r in rows:

@@ -82,3 +82,41 @@ def test_compare_rows_come_from_dvc_exp_show_one_per_distinct_result() -> None:
     table = render(rows, markdown=True).splitlines()
     assert table[0].startswith("| experiment | method | reward | greedy |")
     assert "| exp-ppo | ppo | verifier | 0.700 |" in table[3]
+
+
+def _compress_exp(name: str, method: str, ratio: float, accuracy: float) -> dict:
+    return {
+        "rev": name * 4,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"compress": {"method": method}}}},
+            "metrics": {
+                "metrics/compress.json": {"data": {"compression_ratio": ratio, "fidelity_kl": 0.01}},
+                "metrics/evaluate.json": {"data": {"compressed": {"accuracy": accuracy}}},
+            },
+        },
+    }
+
+
+def test_compare_compress_view_rows_and_its_size_against_accuracy_chart(tmp_path) -> None:
+    from PIL import Image
+
+    from flows.compare import chart
+
+    show = [
+        {
+            **_compress_exp("main", "int8_weight", 3.4, 0.77),
+            "experiments": [{"revs": [_compress_exp("exp-bd", "bitdelta", 15.0, 0.70)]}],
+        },
+        _exp("old", "grpo", 0.8, 0.1),  # an align-only result has no compress metrics: skipped
+    ]
+    rows = rows_from_exp_show(show, "compress")
+    assert [(r["experiment"], r["method"], r["size_ratio"], r["candidate_greedy"]) for r in rows] == [
+        ("main", "int8_weight", 3.4, 0.77),
+        ("exp-bd", "bitdelta", 15.0, 0.70),
+    ]
+    table = render(rows, markdown=True, view="compress").splitlines()
+    assert table[0].startswith("| experiment | method | size_ratio | fidelity_kl |")
+    png = chart(rows, tmp_path / "c.png", "compress")
+    with Image.open(png) as image:
+        assert image.size[0] > 100 and len(set(image.convert("L").getdata())) > 2  # drawn, not blank
