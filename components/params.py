@@ -411,18 +411,69 @@ class BitDeltaConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """``compress.method: prune``: zero or remove low-magnitude weights, then an optional recovery.
+
+    ``kind``: ``magnitude`` (unstructured, ``sparsity`` of every linear weight), ``n_m`` (keep
+    ``n`` of every ``m`` consecutive input weights, 2:4 by default) or ``mlp_channels``
+    (structured: keep ``keep_ratio`` of each MLP's channels and physically remove the rest, so
+    the saved model is smaller and faster). ``recovery_steps`` fine-tunes on SFT-train
+    conversations afterwards, pruned weights held at zero (0 = none).
+    """
+
+    kind: Literal["magnitude", "n_m", "mlp_channels"] = "magnitude"
+    sparsity: Annotated[float, Range(gt=0, lt=1)] = 0.5
+    n: Count = 2
+    m: Count = 4
+    keep_ratio: Annotated[float, Range(gt=0, le=1)] = 0.75
+    recovery_steps: Annotated[int, Range(ge=0)] = 50
+    recovery_learning_rate: LearningRate = 1e-4
+    batch_size: Count = 8
+    n_sequences: Count = 512
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.n >= self.m:
+            yield "n", f"must be < m ({self.m}): keep n of every m weights"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``compress.method: distill``: a smaller student trained to match the aligned model (teacher).
+
+    The student has ``num_layers`` decoder layers (taken evenly from the teacher's) and an MLP of
+    ``intermediate_size`` channels (0 = the teacher's), initialised from the teacher where shapes
+    allow; loss = ``T² · KL(teacher_T || student_T)`` + ``alpha_ce`` x cross-entropy on the
+    assistant tokens of ``n_sequences`` SFT-train conversations.
+    """
+
+    num_layers: Count = 2
+    intermediate_size: Annotated[int, Range(ge=0)] = 0
+    steps: Annotated[int, Range(ge=0)] = 300
+    learning_rate: LearningRate = 1e-3
+    batch_size: Count = 16
+    temperature: Positive = 2.0
+    alpha_ce: Annotated[float, Range(ge=0)] = 0.5
+    n_sequences: Count = 2000
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Merge the adapter into full-precision weights, then compress it with ``method``.
 
     ``int8_weight`` | ``int4_weight`` (weight-only, robust to activation outliers) | ``int8_dynamic``
     (activations too) | ``bitdelta`` (1 bit per weight of the delta to ``paths.base_model`` plus
-    a distilled scale per matrix) | ``none`` (the merge only). ``n_fidelity_prompts`` held-out
+    a distilled scale per matrix) | ``prune`` | ``distill`` (a smaller student) | ``none`` (the
+    merge only). ``n_fidelity_prompts`` held-out
     prompts measure KL, accuracy and generation speed against the merged model.
     """
 
-    method: Literal["int8_weight", "int4_weight", "int8_dynamic", "bitdelta", "none"] = "int8_weight"
+    method: Literal["int8_weight", "int4_weight", "int8_dynamic", "bitdelta", "prune", "distill", "none"] = (
+        "int8_weight"
+    )
     n_fidelity_prompts: Count = 100
     bitdelta: BitDeltaConfig = field(default_factory=BitDeltaConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from components.data.jsonl import read_jsonl
 from components.data.verifier import verify
 from components.evaluation.generate import generate
 from components.models.loading import load_causal_lm, load_tokenizer, require_dir, save_model
-from components.params import BitDeltaConfig, Params
+from components.params import BitDeltaConfig, DistillConfig, Params, PruneConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
 from tasks.stage import stage_command
@@ -103,6 +103,87 @@ def bitdelta(
     return metrics, history
 
 
+def prune(
+    merged: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: list[list[int]],
+    cfg: PruneConfig,
+    out: Path,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Prune a copy of ``merged`` as ``cfg.kind`` says, recover, save; (metrics, recovery history)."""
+    import copy
+
+    from components.compression import prune as pr
+
+    model = copy.deepcopy(merged).requires_grad_(True)  # the loaded policy comes frozen
+    if cfg.kind == "mlp_channels":
+        pr.prune_mlp_channels(model, cfg.keep_ratio)
+        masks: dict = {}
+    elif cfg.kind == "n_m":
+        masks = pr.n_m_prune(model, cfg.n, cfg.m)
+    else:
+        masks = pr.magnitude_prune(model, cfg.sparsity)
+    history = pr.recovery_finetune(
+        model, masks, sequences, cfg.recovery_steps, cfg.recovery_learning_rate, cfg.batch_size, progress=True
+    )
+    model.eval()
+    if cfg.kind == "mlp_channels":
+        save_model(model, tokenizer, out)  # physically smaller: an ordinary checkpoint
+    else:
+        pr.save_sparse(model, out)
+    report = pr.sparsity_report(model)
+    metrics = {
+        "prune_kind": cfg.kind,
+        "sparsity": report["sparsity"],
+        "params_total": report["total_params"],
+        "params_merged": sum(p.numel() for p in merged.parameters()),
+        "recovery_loss_start": history[0]["loss"] if history else None,
+        "recovery_loss_end": history[-1]["loss"] if history else None,
+    }
+    return metrics, history
+
+
+def distill(
+    merged: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict]],
+    cfg: DistillConfig,
+    out: Path,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Distil ``merged`` into a smaller student started from its layers, save it; (metrics, history)."""
+    from components.compression import distill as ds
+    from components.training.sft import completion_example, stop_token_ids
+
+    stop_ids = stop_token_ids(tokenizer, merged)
+    examples = [completion_example(tokenizer, c, stop_ids) for c in conversations]
+    config = ds.student_config(merged.config, cfg.num_layers, cfg.intermediate_size or None)
+    student, layers = ds.init_student(merged, config)
+    history = ds.distill(
+        student,
+        merged,
+        [e["input_ids"] for e in examples],
+        [e["completion_mask"] for e in examples],  # CE on the replies only; KD on every token
+        steps=cfg.steps,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
+        alpha_ce=cfg.alpha_ce,
+        progress=True,
+    )
+    student.eval()
+    save_model(student, tokenizer, out)
+    metrics = {
+        "student_layers": config.num_hidden_layers,
+        "student_intermediate_size": config.intermediate_size,
+        "teacher_layers_used": layers,
+        "params_student": sum(p.numel() for p in student.parameters()),
+        "params_teacher": sum(p.numel() for p in merged.parameters()),
+        "distill_loss_start": history[0]["loss"] if history else None,
+        "distill_loss_end": history[-1]["loss"] if history else None,
+    }
+    return metrics, history
+
+
 def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     cfg = params.compress
     processed = Path(params.paths.processed)
@@ -118,6 +199,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         ],
     )
     max_new_tokens = params.evaluate.max_new_tokens
+    train = read_jsonl(processed / "sft_train.jsonl")  # calibration / recovery text, disjoint from eval
     out = Path(params.paths.compressed_model)
     extra: dict[str, Any] = {}
     with atomic_dir(out) as tmp:
@@ -139,8 +221,21 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             extra, history = bitdelta(merged, base_dir, calibration, cfg.bitdelta, tmp)
             for row in history:
                 tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
-        if cfg.method != "none":
+        elif cfg.method == "prune":
+            sequences_train = conversation_ids(
+                tokenizer, [r["messages"] for r in train[: cfg.prune.n_sequences]]
+            )
+            extra, history = prune(merged, tokenizer, sequences_train, cfg.prune, tmp)
+            for row in history:
+                tracker.log_metrics({"compress/recovery_loss": row["loss"]}, step=int(row["step"]))
+        elif cfg.method == "distill":
+            conversations = [r["messages"] for r in train[: cfg.distill.n_sequences]]
+            extra, history = distill(merged, tokenizer, conversations, cfg.distill, tmp)
+            for row in history:
+                tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
+        if cfg.method not in ("none", "prune", "distill"):  # those save their own (smaller) config
             merged.config.save_pretrained(str(tmp))
+        if cfg.method != "none":
             tokenizer.save_pretrained(str(tmp))
         # Reload from disk: fidelity is measured on what was saved. config.yaml (which names the
         # method for every later load) is written last, so the method is passed here.

@@ -8,6 +8,10 @@ Every compress output directory names its method in ``config.yaml`` (written by 
 - ``bitdelta``: one sign bit per weight of the fine-tune's delta plus one scale per matrix
   (:mod:`components.compression.bitdelta`); it needs the base model it was built on, found at
   the path ``bitdelta.json`` records (or passed as ``base=``) and checked by hash;
+- ``prune``: unstructured or N:M pruned weights in ``model.sparse.safetensors`` (kept values +
+  a packed bitmask), or a structurally smaller model as a plain transformers checkpoint
+  (:mod:`components.compression.prune`);
+- ``distill``: the student, a plain transformers checkpoint;
 - ``none``: the merged full-precision model in ``merged/``.
 """
 
@@ -28,7 +32,7 @@ from components.compression.quantize import (
     load_weight_only,
 )
 
-METHODS = (*QUANTIZATIONS, "bitdelta", "none")
+METHODS = (*QUANTIZATIONS, "bitdelta", "prune", "distill", "none")
 BITDELTA_BASE_FILE = "bitdelta.json"
 
 
@@ -77,6 +81,13 @@ def load_compressed(
             base = bitdelta_base_path(model_dir)
         base_model = load_causal_lm(base) if isinstance(base, (Path, str)) else base
         return load_bitdelta(model_dir, base_model).eval()
+    if method == "prune":
+        from components.compression.prune import SPARSE_FILE, load_sparse
+
+        # magnitude / n_m write the sparse file; mlp_channels a smaller ordinary checkpoint
+        return load_sparse(model_dir) if (model_dir / SPARSE_FILE).is_file() else load_causal_lm(model_dir)
+    if method == "distill":
+        return load_causal_lm(model_dir)
     if method == "none":
         return load_causal_lm(model_dir / "merged")
     raise ValueError(f"unknown compress.method {method!r} (known: {', '.join(METHODS)})")

@@ -396,35 +396,42 @@ def test_compress_merges_exactly_and_quantizes_smaller(project: Path) -> None:
     assert metrics["compression_ratio"] == metrics["size_bytes_full"] / metrics["size_bytes_compressed"]
 
 
-def test_compress_bitdelta_and_int4_write_loadable_smaller_models(project: Path) -> None:
+def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
     """The other methods, each into its own directory (the evaluate test reads the default's)."""
     import dataclasses
 
     from components.compression import bitdelta
     from components.compression.methods import load_compressed
+    from components.compression.prune import SPARSE_FILE
     from components.compression.quantize import INT4_FILE, mean_token_kl
     from components.models.loading import load_causal_lm
     from tasks import compress
 
     params = load_params("params.yaml")
+    c = params.compress
+    variants = {
+        "bitdelta": dataclasses.replace(c.bitdelta, steps=20, n_calibration=16),
+        "int4_weight": None,
+        "prune": dataclasses.replace(c.prune, sparsity=0.5, recovery_steps=5, n_sequences=16),
+        "prune-channels": dataclasses.replace(c.prune, kind="mlp_channels", keep_ratio=0.5, recovery_steps=5),
+        "distill": dataclasses.replace(c.distill, num_layers=1, steps=10, n_sequences=32),
+    }
     merged = load_causal_lm(project / "models/compressed/merged")
     base = load_causal_lm(project / "models/base")
     ids = [[5, 6, 7, 8, 9, 10, 11, 12]]
     results = {}
-    for method in ("bitdelta", "int4_weight"):
-        out = f"models/compressed-{method}"
-        cfg = dataclasses.replace(
-            params.compress,
-            method=method,
-            bitdelta=dataclasses.replace(params.compress.bitdelta, steps=20, n_calibration=16),
-        )
+    for name, sub in variants.items():
+        method = name.split("-")[0]
+        cfg = dataclasses.replace(c, method=method, **({method: sub} if sub is not None else {}))
+        out = project / f"models/compressed-{name}"
         run_params = dataclasses.replace(
-            params, compress=cfg, paths=dataclasses.replace(params.paths, compressed_model=out)
+            params, compress=cfg, paths=dataclasses.replace(params.paths, compressed_model=str(out))
         )
-        results[method] = compress.run(run_params, RecordingTracker())
-        assert results[method]["method"] == method
-        assert {"compression_ratio", "fidelity_kl", "accuracy_delta", "speed_ratio"} <= set(results[method])
-        assert load_compressed(project / out)(torch.tensor(ids)).logits.shape[-1] == merged.config.vocab_size
+        results[name] = compress.run(run_params, RecordingTracker())
+        assert results[name]["method"] == method
+        assert {"compression_ratio", "fidelity_kl", "accuracy_delta", "speed_ratio"} <= set(results[name])
+        assert results[name]["compression_ratio"] > 1, name
+        assert load_compressed(out)(torch.tensor(ids)).logits.shape[-1] == merged.config.vocab_size
     # Bit-Delta: one bit per weight (+ a scale per matrix), and the base is what it adds to.
     bd = results["bitdelta"]
     fp16_bytes, packed_bytes = bitdelta.delta_bytes(project / "models/compressed-bitdelta")
@@ -437,6 +444,18 @@ def test_compress_bitdelta_and_int4_write_loadable_smaller_models(project: Path)
     assert (project / "models/compressed-int4_weight" / INT4_FILE).is_file()
     assert results["int4_weight"]["size_bytes_compressed"] < golden.COMPRESS["size_bytes_compressed"]
     assert results["int4_weight"]["fidelity_kl"] > golden.COMPRESS_MAX_FIDELITY_KL  # coarser than int8
+    # pruning: the requested sparsity, stored sparse; channel pruning really removes parameters
+    assert results["prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert (project / "models/compressed-prune" / SPARSE_FILE).is_file()
+    channels = results["prune-channels"]
+    assert channels["params_total"] < channels["params_merged"]
+    assert load_compressed(project / "models/compressed-prune-channels").config.intermediate_size < (
+        merged.config.intermediate_size
+    )
+    # distillation: a one-layer student from a deeper teacher
+    student = load_compressed(project / "models/compressed-distill")
+    assert student.config.num_hidden_layers == 1 < merged.config.num_hidden_layers
+    assert results["distill"]["params_student"] < results["distill"]["params_teacher"]
 
 
 def test_evaluate_scores_every_model_on_one_suite(project: Path) -> None:
