@@ -43,6 +43,8 @@ examples:
   posttrain deploy --pool p --interval 3600  # same, run by `prefect worker start --pool p`
   posttrain rag ingest docs/ report.pdf  # add documents to the index
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
+  posttrain deltas ask --delta a=runs/a --delta b=runs/b "What is 2 + 3?"  # fine-tunes on one base
+  posttrain deltas serve --delta a=runs/a --delta b=runs/b  # the same over HTTP (127.0.0.1:8600)
 """
 
 
@@ -434,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.rag_cli import add_rag_parser
 
     add_rag_parser(sub)
+
+    from flows.deltas_cli import add_deltas_parser
+
+    add_deltas_parser(sub)
     return parser
 
 

@@ -24,6 +24,8 @@ COMMANDS = (
     "runs",
     "metrics",
     "plots",
+    "compare",
+    "deltas",
 )
 
 
