@@ -16,7 +16,14 @@ freshly built tiny model is used otherwise).
 - stage_overhead: one stage under ``posttrain run --force --stages sft`` vs the bare
   ``python -m tasks.sft`` (the flow's cost per stage and per run);
 - sft: our ``train_sft`` (padded, and padding-free) vs a bare TRL ``SFTTrainer`` script on the
-  bundled SmolLM2-135M-Instruct with the same data, LoRA and settings, as tokens/s.
+  bundled SmolLM2-135M-Instruct with the same data, LoRA and settings, as tokens/s;
+- compression: greedy generation tokens/s of each ``compress.method`` against the fp32 merged
+  model it came from (the workspace's ``models/compressed/merged``, i.e. whatever profile ran
+  last), and the memory of one base + 4 Bit-Deltas served by ``DeltaServer`` against 4 full
+  fine-tunes.
+
+``benchmarks/gpu.py`` is the GPU counterpart (SFT tokens/s, peak memory and MFU on SmolLM2's
+architecture), run on a lent GPU machine; its section is kept here as last measured.
 """
 
 from __future__ import annotations
@@ -533,6 +540,77 @@ def bench_stage_overhead(repeats: int, stage: str = "sft") -> list[str]:
     ]
 
 
+def bench_compression(repeats: int, n_prompts: int = 40, max_new_tokens: int = 16) -> list[str]:
+    """Generation speed of each compression method vs the fp32 merged model, and Bit-Delta memory."""
+    import copy
+    import tempfile
+
+    from components.compression import bitdelta as bd
+    from components.compression.delta_serving import DeltaServer
+    from components.compression.quantize import (
+        quantize_int4_weight,
+        quantize_int8_dynamic,
+        quantize_int8_weight,
+    )
+    from components.data.jsonl import read_jsonl
+    from components.evaluation.generate import generate
+    from components.models.loading import load_causal_lm, load_tokenizer
+
+    merged_dir, base_dir = ROOT / "models/compressed/merged", ROOT / "models/base"
+    prompts_file = ROOT / "data/processed/eval_prompts.jsonl"
+    if not (merged_dir.exists() and base_dir.exists() and prompts_file.exists()):
+        return ["### Compression", "", "Skipped: run the pipeline first (`make run`).", ""]
+    merged, base, tok = load_causal_lm(merged_dir), load_causal_lm(base_dir), load_tokenizer(merged_dir)
+    prompts = [r["prompt"] for r in read_jsonl(prompts_file)][:n_prompts]
+    delta_model = bd.build_bitdelta_model(base, merged).eval()
+    models = {
+        "fp32 merged (reference)": merged,
+        "int8_weight": quantize_int8_weight(merged),
+        "int4_weight": quantize_int4_weight(merged),
+        "int8_dynamic": quantize_int8_dynamic(merged),
+        "bitdelta (base + sign matmul)": delta_model,
+        "bitdelta materialized": bd.materialize(copy.deepcopy(delta_model)).eval(),
+    }
+    tokens: dict[str, int] = {}
+
+    def run(model: object, name: str) -> Callable[[], object]:
+        def go() -> object:
+            outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=n_prompts)
+            tokens[name] = sum(len(tok(o[0], add_special_tokens=False)["input_ids"]) + 1 for o in outs)
+            return outs
+
+        return go
+
+    seconds = {}
+    for _ in range(repeats):  # alternate the methods within each repeat: load drifts hit all alike
+        for name, model in models.items():
+            seconds.setdefault(name, []).append(median_seconds(run(model, name), 1))
+    med = {n: statistics.median(v) for n, v in seconds.items()}
+    ref = "fp32 merged (reference)"
+    rate = {n: tokens[n] / med[n] for n in models}
+    rows = [f"| {n} | {med[n]:.2f} | {rate[n]:.0f} | {rate[n] / rate[ref]:.2f}x |" for n in models]
+    with tempfile.TemporaryDirectory() as tmp:
+        bd.save_bitdelta(delta_model, tmp, bd.base_weights_hash(base))
+        server = DeltaServer(base_dir, {f"ft{i}": Path(tmp) for i in range(4)})
+        memory = server.memory_report()
+    n_params = sum(p.numel() for p in merged.parameters())
+    return [
+        f"### Compression: greedy generation, {len(prompts)} held-out prompts in one batch, "
+        f"{max_new_tokens} new tokens ({n_params / 1e6:.1f}M-parameter merged model in models/compressed)",
+        "",
+        "| model | seconds (median) | new tokens/s | speed vs fp32 |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "One base + 4 Bit-Deltas in one `DeltaServer` (signs packed, one scale per matrix; the same "
+        f"delta loaded four times): **{memory['total_bytes'] / 1e6:.1f} MB**, against "
+        f"{memory['materialized_bytes'] / 1e6:.1f} MB for 4 full fine-tunes "
+        f"({memory['materialized_bytes'] / memory['total_bytes']:.2f}x less); each delta holds "
+        f"{memory['deltas_bytes'] / 4 / 1e6:.2f} MB.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -541,7 +619,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
         "--only",
-        choices=["generation", "retrieval", "rag_parse", "orchestration", "stage_overhead", "sft", "rl"],
+        choices=[
+            "generation",
+            "retrieval",
+            "rag_parse",
+            "orchestration",
+            "stage_overhead",
+            "sft",
+            "rl",
+            "compression",
+        ],
         nargs="+",
     )
     args = parser.parse_args()
@@ -554,6 +641,7 @@ def main() -> None:
         "stage_overhead": bench_stage_overhead,
         "sft": bench_sft,
         "rl": bench_rl,
+        "compression": bench_compression,
     }
     lines = [
         "# Benchmarks",
@@ -571,6 +659,9 @@ def main() -> None:
             continue
         print(f"benchmark: {name} ...", file=sys.stderr)
         lines += [f"<!-- bench:{name} -->", *bench(args.repeats)]
+    for name, section in previous.items():  # sections measured elsewhere (gpu: benchmarks/gpu.py)
+        if name not in benches:
+            lines += section
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

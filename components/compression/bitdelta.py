@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from components.compression.batches import pad_batch, seeded_batches
 from components.compression.quantize import mean_token_kl
 
 BITDELTA_FILE = "bitdelta.safetensors"
@@ -326,17 +327,6 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
 # ----------------------------------------------------------------- scale distillation
 
 
-def _pad_batch(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with token 0 (masked out, so its id doesn't matter): (input_ids, attention_mask)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long)
-    mask = torch.zeros(len(sequences), length, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def _distill_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, objective: str
 ) -> torch.Tensor:
@@ -385,16 +375,10 @@ def distill_scales(
     teacher.eval()
     device = scales[0].device
     optimizer = torch.optim.AdamW(scales, lr=learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = seeded_batches(len(sequences), batch_size, seed)
     history: list[dict[str, float]] = []
     for step in tqdm(range(steps), desc="bitdelta scales", disable=not progress):
-        batch = []
-        while len(batch) < min(batch_size, len(sequences)):
-            if not order:
-                order = torch.randperm(len(sequences), generator=generator).tolist()
-            batch.append(sequences[order.pop()])
-        ids, mask = (t.to(device) for t in _pad_batch(batch))
+        ids, mask = (t.to(device) for t in pad_batch([sequences[i] for i in next(batches)]))
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
         student_logits = student(input_ids=ids, attention_mask=mask).logits

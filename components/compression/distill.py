@@ -36,6 +36,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 
+from components.compression.batches import pad_right, seeded_batches
+from components.compression.prune import mlp_channel_importance  # the same data-free score
+
 LAYER_MAPS = ("uniform", "first")
 # A decoder layer's tensor: "<prefix>layers.<index>.<rest>" (model.layers.3.mlp.up_proj.weight).
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*?\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -100,28 +103,13 @@ def select_layers(teacher_layers: int, student_layers: int, layer_map: str = "un
 # ----------------------------------------------------------------- initialising from the teacher
 
 
-def mlp_channel_importance(mlp: nn.Module) -> torch.Tensor:
-    """One score per intermediate channel ``j`` of a gated MLP: ``||gate_j|| · ||up_j|| · ||down_:,j||``.
-
-    Channel ``j`` adds ``down[:, j] · silu(gate_j · x) · (up_j · x)`` to the output, and since
-    ``|silu(z)| <= |z|`` its size is at most ``||down[:, j]|| · ||gate_j|| · ||up_j|| · ||x||²``.
-    The product of the three norms is that bound without the input: a data-free score (no
-    calibration activations needed) that ranks a channel with any near-zero factor low, as it
-    contributes little whatever the input.
-    """
-    gate = mlp.gate_proj.weight.detach().float().norm(dim=1)
-    up = mlp.up_proj.weight.detach().float().norm(dim=1)
-    down = mlp.down_proj.weight.detach().float().norm(dim=0)
-    return gate * up * down
-
-
 def top_mlp_channels(mlp: nn.Module, width: int) -> torch.Tensor:
     """Indices of the ``width`` highest-scoring channels (:func:`mlp_channel_importance`), ascending.
 
     Kept in their original order (the order changes no output, but makes the copy easy to
     check); ties go to the lower index, so the choice is deterministic.
     """
-    order = torch.argsort(mlp_channel_importance(mlp), descending=True, stable=True)
+    order = torch.argsort(mlp_channel_importance(mlp).detach(), descending=True, stable=True)
     return order[:width].sort().values
 
 
@@ -199,22 +187,14 @@ def init_student(
 # ----------------------------------------------------------------- distillation
 
 
-def _pad(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
-    """Right-pad with 0 to ``length`` (what is padded is masked out, so the 0 is never read)."""
-    out = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 def _batch(
     sequences: Sequence[Sequence[int]], loss_mask: Sequence[Sequence[int]] | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, target_mask), right-padded; target_mask is loss_mask on real tokens."""
     length = max(len(s) for s in sequences)
-    ids = _pad(sequences, length)
-    attention = _pad([[1] * len(s) for s in sequences], length)
-    targets = attention if loss_mask is None else _pad(loss_mask, length) * attention
+    ids = pad_right(sequences, length)
+    attention = pad_right([[1] * len(s) for s in sequences], length)
+    targets = attention if loss_mask is None else pad_right(loss_mask, length) * attention
     return ids, attention, targets
 
 
@@ -310,16 +290,11 @@ def distill(
     teacher_device = next(teacher.parameters()).device
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = seeded_batches(len(sequences), batch_size, seed)
     history: list[dict[str, float]] = []
     bar = tqdm(range(steps), desc="distill", disable=not progress)
     for step in bar:
-        picked = []
-        while len(picked) < min(batch_size, len(sequences)):
-            if not order:
-                order = torch.randperm(len(sequences), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = next(batches)
         batch_mask = None if loss_mask is None else [loss_mask[i] for i in picked]
         ids, attention, targets = _batch([sequences[i] for i in picked], batch_mask)
         with torch.no_grad():

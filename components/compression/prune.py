@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from components.compression.batches import pad_batch, seeded_batches
 from components.compression.bitdelta import pack_signs, tied_aliases, unpack_signs
 
 SPARSE_FILE = "model.sparse.safetensors"
@@ -184,9 +185,9 @@ def mlp_channel_importance(mlp: nn.Module) -> torch.Tensor:
     calibration pass); activation-aware scores (Wanda-style, LLM-Pruner) rank better on real
     models with outlier features, at the cost of running calibration data through the model.
     """
-    gate = mlp.gate_proj.weight.float().norm(dim=1)
-    up = mlp.up_proj.weight.float().norm(dim=1)
-    down = mlp.down_proj.weight.float().norm(dim=0)
+    gate = mlp.gate_proj.weight.detach().float().norm(dim=1)
+    up = mlp.up_proj.weight.detach().float().norm(dim=1)
+    down = mlp.down_proj.weight.detach().float().norm(dim=0)
     return gate * up * down
 
 
@@ -260,17 +261,6 @@ def prune_mlp_channels(model: PreTrainedModel, keep_ratio: float) -> PreTrainedM
 # ----------------------------------------------------------------- recovery fine-tune
 
 
-def pad_batch(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with token 0 (masked out, so its id doesn't matter): (input_ids, attention_mask)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), length, dtype=torch.long)
-    mask = torch.zeros(len(sequences), length, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every real token after a sequence's first (padding ignored)."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -315,16 +305,10 @@ def recovery_finetune(
     was_training = model.training
     model.train()
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = seeded_batches(len(sequences), batch_size, seed)
     history: list[dict[str, float]] = []
     for step in tqdm(range(steps), desc="prune recovery", disable=not progress):
-        batch = []
-        while len(batch) < min(batch_size, len(sequences)):
-            if not order:
-                order = torch.randperm(len(sequences), generator=generator).tolist()
-            batch.append(sequences[order.pop()])
-        ids, mask = (t.to(device) for t in pad_batch(batch))
+        ids, mask = (t.to(device) for t in pad_batch([sequences[i] for i in next(batches)]))
         loss = causal_lm_loss(model, ids, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
