@@ -36,6 +36,8 @@ OFFLINE_ENV: dict[str, str] = {
 # fallback it then uses is its own C++ kernel, so nothing is missing.
 KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    # LLM.int8 on CPU casts every int8 linear's input to fp16: logged on each forward of each layer
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast"),
 )
 
 

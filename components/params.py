@@ -461,15 +461,24 @@ class CompressConfig:
     """Merge the adapter into full-precision weights, then compress it with ``method``.
 
     ``int8_weight`` | ``int4_weight`` (weight-only, robust to activation outliers) | ``int8_dynamic``
-    (activations too) | ``bitdelta`` (1 bit per weight of the delta to ``paths.base_model`` plus
-    a distilled scale per matrix) | ``prune`` | ``distill`` (a smaller student) | ``none`` (the
-    merge only). ``n_fidelity_prompts`` held-out
-    prompts measure KL, accuracy and generation speed against the merged model.
+    (activations too) | ``nf4`` / ``llm_int8`` (bitsandbytes: 4-bit NormalFloat with double
+    quantization, LLM.int8 with outlier columns) | ``bitdelta`` (1 bit per weight of the delta to
+    ``paths.base_model`` plus a distilled scale per matrix) | ``prune`` | ``distill`` (a smaller
+    student) | ``none`` (the merge only). ``n_fidelity_prompts`` held-out prompts measure KL,
+    accuracy and generation speed against the merged model.
     """
 
-    method: Literal["int8_weight", "int4_weight", "int8_dynamic", "bitdelta", "prune", "distill", "none"] = (
-        "int8_weight"
-    )
+    method: Literal[
+        "int8_weight",
+        "int4_weight",
+        "int8_dynamic",
+        "nf4",
+        "llm_int8",
+        "bitdelta",
+        "prune",
+        "distill",
+        "none",
+    ] = "int8_weight"
     n_fidelity_prompts: Count = 100
     bitdelta: BitDeltaConfig = field(default_factory=BitDeltaConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)

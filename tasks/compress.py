@@ -233,7 +233,13 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             extra, history = distill(merged, tokenizer, conversations, cfg.distill, tmp)
             for row in history:
                 tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
-        if cfg.method not in ("none", "prune", "distill"):  # those save their own (smaller) config
+        elif cfg.method in ("nf4", "llm_int8"):
+            from components.compression.bnb import quantize_bnb, quantized_weight_bytes, save_bnb
+
+            save_bnb(quantize_bnb(tmp / "merged", cfg.method), tmp)
+            quantized, fp16 = quantized_weight_bytes(tmp)
+            extra = {"quantized_weight_bytes_ratio": quantized / fp16}
+        if cfg.method not in ("none", "prune", "distill", "nf4", "llm_int8"):  # those save their own config
             merged.config.save_pretrained(str(tmp))
         if cfg.method != "none":
             tokenizer.save_pretrained(str(tmp))

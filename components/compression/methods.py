@@ -12,6 +12,8 @@ Every compress output directory names its method in ``config.yaml`` (written by 
   a packed bitmask), or a structurally smaller model as a plain transformers checkpoint
   (:mod:`components.compression.prune`);
 - ``distill``: the student, a plain transformers checkpoint;
+- ``nf4`` / ``llm_int8``: a bitsandbytes-quantized transformers checkpoint, whose
+  ``config.json`` carries the ``quantization_config`` (:mod:`components.compression.bnb`);
 - ``none``: the merged full-precision model in ``merged/``.
 """
 
@@ -32,7 +34,7 @@ from components.compression.quantize import (
     load_weight_only,
 )
 
-METHODS = (*QUANTIZATIONS, "bitdelta", "prune", "distill", "none")
+METHODS = (*QUANTIZATIONS, "nf4", "llm_int8", "bitdelta", "prune", "distill", "none")
 BITDELTA_BASE_FILE = "bitdelta.json"
 
 
@@ -88,6 +90,10 @@ def load_compressed(
         return load_sparse(model_dir) if (model_dir / SPARSE_FILE).is_file() else load_causal_lm(model_dir)
     if method == "distill":
         return load_causal_lm(model_dir)
+    if method in ("nf4", "llm_int8"):
+        from components.compression.bnb import load_bnb
+
+        return load_bnb(model_dir)
     if method == "none":
         return load_causal_lm(model_dir / "merged")
     raise ValueError(f"unknown compress.method {method!r} (known: {', '.join(METHODS)})")

@@ -412,6 +412,8 @@ def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
     variants = {
         "bitdelta": dataclasses.replace(c.bitdelta, steps=20, n_calibration=16),
         "int4_weight": None,
+        "nf4": None,
+        "llm_int8": None,
         "prune": dataclasses.replace(c.prune, sparsity=0.5, recovery_steps=5, n_sequences=16),
         "prune-channels": dataclasses.replace(c.prune, kind="mlp_channels", keep_ratio=0.5, recovery_steps=5),
         "distill": dataclasses.replace(c.distill, num_layers=1, steps=10, n_sequences=32),
@@ -444,6 +446,11 @@ def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
     assert (project / "models/compressed-int4_weight" / INT4_FILE).is_file()
     assert results["int4_weight"]["size_bytes_compressed"] < golden.COMPRESS["size_bytes_compressed"]
     assert results["int4_weight"]["fidelity_kl"] > golden.COMPRESS_MAX_FIDELITY_KL  # coarser than int8
+    # bitsandbytes: NF4 + double quant keeps about a quarter of the fp16 bytes, LLM.int8 about half
+    assert (
+        results["nf4"]["quantized_weight_bytes_ratio"] < results["llm_int8"]["quantized_weight_bytes_ratio"]
+    )
+    assert results["llm_int8"]["quantized_weight_bytes_ratio"] < 0.6
     # pruning: the requested sparsity, stored sparse; channel pruning really removes parameters
     assert results["prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (project / "models/compressed-prune" / SPARSE_FILE).is_file()
