@@ -398,11 +398,15 @@ class AlignConfig:
 class BitDeltaConfig:
     """Bit-Delta's scale distillation: only the per-matrix scales train, on SFT-train calibration text.
 
-    ``objective``: ``kl`` = KL(fine-tune || bit-delta) of next-token distributions (the lecture's);
-    ``mse`` = squared error of the logits (what the BitDelta reference code uses). ``steps: 0``
-    keeps the closed-form scales (mean |delta|).
+    ``base``: what the delta is taken against: ``sft`` (default: the aligned model is a light
+    fine-tune of the SFT policy, which every alignment variant shares) or ``base``
+    (``paths.base_model``: on the tiny model SFT retrains whole embeddings, far more than one
+    bit per weight can carry). ``objective``: ``kl`` = KL(fine-tune || bit-delta) of next-token
+    distributions (the lecture's); ``mse`` = squared error of the logits (what the BitDelta
+    reference code uses). ``steps: 0`` keeps the closed-form scales (mean |delta|).
     """
 
+    base: Literal["sft", "base"] = "sft"
     objective: Literal["kl", "mse"] = "kl"
     steps: Annotated[int, Range(ge=0)] = 100
     learning_rate: LearningRate = 1e-3

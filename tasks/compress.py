@@ -41,7 +41,7 @@ from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.data.verifier import verify
 from components.evaluation.generate import generate
-from components.models.loading import load_causal_lm, load_tokenizer, require_dir, save_model
+from components.models.loading import load_tokenizer, require_dir, save_model
 from components.params import BitDeltaConfig, DistillConfig, Params, PruneConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
@@ -60,7 +60,11 @@ def greedy_accuracy_and_speed(
     prompts: Sequence[dict[str, str]],
     max_new_tokens: int,
 ) -> tuple[float, float]:
-    """(exact-match accuracy, generated tokens per second) of greedy answers to ``prompts``."""
+    """(exact-match accuracy, generated tokens per second) of greedy answers to ``prompts``.
+
+    One untimed warm-up call first, so neither side of a comparison pays the first-call costs.
+    """
+    generate(model, tokenizer, [prompts[0]["prompt"]], max_new_tokens=max_new_tokens)
     start = time.perf_counter()
     outputs = generate(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
@@ -75,7 +79,7 @@ def bitdelta(
     """Build, distil and save the Bit-Delta of ``merged`` over the base; (metrics, distillation history)."""
     from components.compression import bitdelta as bd
 
-    base = load_causal_lm(base_dir)
+    base = load_policy(base_dir)  # models/sft is an adapter chain: merged in fp32
     student = bd.build_bitdelta_model(base, merged)
     kl_before = bd.mean_kl(merged, student, calibration[: min(len(calibration), 32)])
     history = bd.distill_scales(
@@ -210,7 +214,8 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         elif cfg.method == "int8_dynamic":
             save_int8(quantize_int8_dynamic(merged), tmp)
         elif cfg.method == "bitdelta":
-            base_dir = require_dir(params.paths.base_model, "base model")
+            base_path = params.paths.sft_model if cfg.bitdelta.base == "sft" else params.paths.base_model
+            base_dir = require_dir(base_path, f"Bit-Delta base ({cfg.bitdelta.base})")
             calibration = conversation_ids(
                 tokenizer,
                 [

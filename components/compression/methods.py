@@ -6,8 +6,9 @@ Every compress output directory names its method in ``config.yaml`` (written by 
 - ``int8_weight`` / ``int4_weight`` / ``int8_dynamic``: quantized weights beside ``config.json``
   (:mod:`components.compression.quantize`);
 - ``bitdelta``: one sign bit per weight of the fine-tune's delta plus one scale per matrix
-  (:mod:`components.compression.bitdelta`); it needs the base model it was built on, found at
-  the path ``bitdelta.json`` records (or passed as ``base=``) and checked by hash;
+  (:mod:`components.compression.bitdelta`); it needs the model it was built on (the SFT policy
+  by default), found at the path ``bitdelta.json`` records (or passed as ``base=``) and
+  checked by hash;
 - ``prune``: unstructured or N:M pruned weights in ``model.sparse.safetensors`` (kept values +
   a packed bitmask), or a structurally smaller model as a plain transformers checkpoint
   (:mod:`components.compression.prune`);
@@ -81,7 +82,9 @@ def load_compressed(
 
         if base is None:
             base = bitdelta_base_path(model_dir)
-        base_model = load_causal_lm(base) if isinstance(base, (Path, str)) else base
+        from components.peft.adapters import load_policy
+
+        base_model = load_policy(base) if isinstance(base, (Path, str)) else base  # sft: an adapter
         return load_bitdelta(model_dir, base_model).eval()
     if method == "prune":
         from components.compression.prune import SPARSE_FILE, load_sparse

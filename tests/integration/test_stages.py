@@ -405,6 +405,7 @@ def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
     from components.compression.prune import SPARSE_FILE
     from components.compression.quantize import INT4_FILE, mean_token_kl
     from components.models.loading import load_causal_lm
+    from components.peft.adapters import load_policy
     from tasks import compress
 
     params = load_params("params.yaml")
@@ -419,7 +420,7 @@ def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
         "distill": dataclasses.replace(c.distill, num_layers=1, steps=10, n_sequences=32),
     }
     merged = load_causal_lm(project / "models/compressed/merged")
-    base = load_causal_lm(project / "models/base")
+    sft = load_policy(project / "models/sft")  # Bit-Delta's base by default: aligned = sft + a light delta
     ids = [[5, 6, 7, 8, 9, 10, 11, 12]]
     results = {}
     for name, sub in variants.items():
@@ -439,7 +440,7 @@ def test_compress_methods_write_loadable_smaller_models(project: Path) -> None:
     fp16_bytes, packed_bytes = bitdelta.delta_bytes(project / "models/compressed-bitdelta")
     assert bd["delta_compression_vs_fp16"] == fp16_bytes / packed_bytes >= 15.5
     assert bd["kl_after_distill"] < bd["kl_before_distill"]
-    assert bd["fidelity_kl"] < mean_token_kl(merged, base, ids)  # the delta carries the fine-tune
+    assert bd["fidelity_kl"] < mean_token_kl(merged, sft, ids)  # the delta carries the fine-tune
     with pytest.raises(ValueError, match="base"):
         load_compressed(project / "models/compressed-bitdelta", base=project / "models/compressed/merged")
     # int4: two weights per byte, so a smaller file than int8's, at some fidelity cost
