@@ -77,7 +77,7 @@ def test_pipeline_logs_nests_and_registers_on_a_tracking_server(
     project = make_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"] |= {"tracking_uri": url, "log_models": "all"}
-    params["compress"]["quantization"] = "none"
+    params["compress"]["method"] = "none"
     params["align"]["dpo"]["learning_rate"] = 0.0  # the candidate equals SFT: the gate must pass
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)
