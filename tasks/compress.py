@@ -41,7 +41,7 @@ from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.data.verifier import verify
 from components.evaluation.generate import generate
-from components.models.loading import load_tokenizer, require_dir, save_model
+from components.models.loading import load_tokenizer, param_count, require_dir, save_model
 from components.params import BitDeltaConfig, DistillConfig, Params, PruneConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker
@@ -140,7 +140,7 @@ def prune(
         "prune_kind": cfg.kind,
         "sparsity": report["sparsity"],
         "params_total": report["total_params"],
-        "params_merged": sum(p.numel() for p in merged.parameters()),
+        "params_merged": param_count(merged),
         "recovery_loss_start": history[0]["loss"] if history else None,
         "recovery_loss_end": history[-1]["loss"] if history else None,
     }
@@ -180,8 +180,8 @@ def distill(
         "student_layers": config.num_hidden_layers,
         "student_intermediate_size": config.intermediate_size,
         "teacher_layers_used": layers,
-        "params_student": sum(p.numel() for p in student.parameters()),
-        "params_teacher": sum(p.numel() for p in merged.parameters()),
+        "params_student": param_count(student),
+        "params_teacher": param_count(merged),
         "distill_loss_start": history[0]["loss"] if history else None,
         "distill_loss_end": history[-1]["loss"] if history else None,
     }
@@ -206,6 +206,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     train = read_jsonl(processed / "sft_train.jsonl")  # calibration / recovery text, disjoint from eval
     out = Path(params.paths.compressed_model)
     extra: dict[str, Any] = {}
+    history: list[dict[str, float]] = []
     with atomic_dir(out) as tmp:
         save_model(merged, tokenizer, tmp / "merged")
         if cfg.method in ("int8_weight", "int4_weight"):
@@ -216,34 +217,27 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         elif cfg.method == "bitdelta":
             base_path = params.paths.sft_model if cfg.bitdelta.base == "sft" else params.paths.base_model
             base_dir = require_dir(base_path, f"Bit-Delta base ({cfg.bitdelta.base})")
-            calibration = conversation_ids(
-                tokenizer,
-                [
-                    r["messages"]
-                    for r in read_jsonl(processed / "sft_train.jsonl")[: cfg.bitdelta.n_calibration]
-                ],
-            )
+            calibration_records = train[: cfg.bitdelta.n_calibration]
+            calibration = conversation_ids(tokenizer, [r["messages"] for r in calibration_records])
             extra, history = bitdelta(merged, base_dir, calibration, cfg.bitdelta, tmp)
-            for row in history:
-                tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
         elif cfg.method == "prune":
             sequences_train = conversation_ids(
                 tokenizer, [r["messages"] for r in train[: cfg.prune.n_sequences]]
             )
             extra, history = prune(merged, tokenizer, sequences_train, cfg.prune, tmp)
-            for row in history:
-                tracker.log_metrics({"compress/recovery_loss": row["loss"]}, step=int(row["step"]))
         elif cfg.method == "distill":
             conversations = [r["messages"] for r in train[: cfg.distill.n_sequences]]
             extra, history = distill(merged, tokenizer, conversations, cfg.distill, tmp)
-            for row in history:
-                tracker.log_metrics({"compress/distill_loss": row["loss"]}, step=int(row["step"]))
         elif cfg.method in ("nf4", "llm_int8"):
             from components.compression.bnb import quantize_bnb, quantized_weight_bytes, save_bnb
 
             save_bnb(quantize_bnb(tmp / "merged", cfg.method), tmp)
             quantized, fp16 = quantized_weight_bytes(tmp)
             extra = {"quantized_weight_bytes_ratio": quantized / fp16}
+        # the methods that train log one loss curve: scales/student distillation, or pruning recovery
+        loss_name = "compress/recovery_loss" if cfg.method == "prune" else "compress/distill_loss"
+        for row in history:
+            tracker.log_metrics({loss_name: row["loss"]}, step=int(row["step"]))
         if cfg.method not in ("none", "prune", "distill", "nf4", "llm_int8"):  # those save their own config
             merged.config.save_pretrained(str(tmp))
         if cfg.method != "none":
