@@ -135,18 +135,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+def _coerce(value: Any, tp: Any, key: str, problems: list[str], base: Any = None) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in that type.
 
     Only lossless conversions are made: an int where a float is expected, a YAML list where a
     tuple is expected, a mapping where a nested dataclass is expected. A problem is appended to
     ``problems`` (``<key>: <problem>``) and the result is ``_INVALID``; constraints in an
-    ``Annotated`` annotation are checked once the value has the right type.
+    ``Annotated`` annotation are checked once the value has the right type. ``base``: the
+    enclosing field's default for a nested dataclass (keys the mapping leaves out come from it).
     """
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         inner, *extras = typing.get_args(tp)
-        value = _coerce(value, inner, key, problems)
+        value = _coerce(value, inner, key, problems, base)
         if value is _INVALID:
             return _INVALID
         found = [p for c in extras if isinstance(c, Constraint) and (p := c.problem(value)) is not None]
@@ -156,7 +157,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, Mapping):
             problems.append(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
             return _INVALID
-        return _build(tp, value, key, problems)  # type: ignore[arg-type]
+        return _build(tp, value, key, problems, base)  # type: ignore[arg-type]
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -206,8 +207,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")  # a bug in a config class
 
 
-def _build(cls: type[T], data: Mapping[str, Any] | None, prefix: str, problems: list[str]) -> Any:
+def _build(
+    cls: type[T], data: Mapping[str, Any] | None, prefix: str, problems: list[str], base: Any = None
+) -> Any:
     """``cls`` from ``data``, or ``_INVALID`` after appending each problem (in file order) to ``problems``.
+
+    Keys ``data`` leaves out keep ``base``'s values when given (a nested field whose default differs
+    from its class's, e.g. ``reward_model.peft.method: full``), else the class defaults. A class may
+    name, in ``MISPLACED_KEYS``, the sub-blocks a stray key belongs in, so the error says where to move it.
 
     Cross-field rules (the class's ``cross_check()``, yielding ``(field, problem)`` pairs) run only
     when every field on its own is valid, so they can rely on each field's own range.
@@ -215,17 +222,32 @@ def _build(cls: type[T], data: Mapping[str, Any] | None, prefix: str, problems: 
     data = dict(data or {})
     hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    nested_defaults = {
+        f.name: f.default_factory()
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.default_factory is not dataclasses.MISSING
+    }
+    misplaced: Mapping[str, tuple[str, ...]] = getattr(cls, "MISPLACED_KEYS", {})
     before = len(problems)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name not in names:
-            problems.append(f"{prefix}.{name}: unknown key (allowed: {', '.join(sorted(names))})")
+        if name in names:
+            kwargs[name] = _coerce(
+                value, hints[name], f"{prefix}.{name}", problems, nested_defaults.get(name)
+            )
+        elif name in misplaced:
+            parent = prefix.rsplit(".", 1)[0]  # "../x": a sibling block of this one
+            where = " or ".join(
+                f"{parent}.{g[3:]}.{name}" if g.startswith("../") else f"{prefix}.{g}.{name}"
+                for g in misplaced[name]
+            )
+            problems.append(f"{prefix}.{name}: unknown key here; this knob belongs in {where}")
         else:
-            kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}", problems)
+            problems.append(f"{prefix}.{name}: unknown key (allowed: {', '.join(sorted(names))})")
     if len(problems) > before:
         return _INVALID
     try:
-        cfg = cls(**kwargs)
+        cfg = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as exc:  # a guard in the class's own __post_init__
         problems.extend(exc.problems)
         return _INVALID

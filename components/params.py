@@ -191,33 +191,159 @@ class IngestConfig:
     n_eval_prompts: Count = 200
 
 
+LINEAR_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+PEFT_METHODS: tuple[str, ...] = (
+    "full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter", "tinytl"
+)  # fmt: skip
+LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")
+# Which sub-block of ``peft`` holds each method's knobs (lora, dora and qlora share ``lora``).
+PEFT_GROUP: dict[str, str] = {m: ("lora" if m in LORA_FAMILY else m) for m in PEFT_METHODS if m != "full"}
+
+
 @dataclass(frozen=True)
-class PeftConfig:
-    """PEFT adapter settings. ``method: none`` means a full fine-tune.
+class LoraSettings:
+    """LoRA / DoRA / QLoRA: ``h = xW + (alpha/r)·xAB`` with B = 0 at init (rsLoRA: alpha/sqrt(r))."""
 
-    ``modules_to_save`` trains the embeddings and LM head in full: the chat-template tokens
-    never occur in pretraining text, so their rows must move, which a low-rank update of the
-    attention/MLP weights cannot do.
-    """
-
-    method: Literal["lora", "none"] = "lora"
     r: Count = 16
     alpha: Count = 32
     dropout: Fraction = 0.0
-    target_modules: tuple[Text, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
-    modules_to_save: tuple[Text, ...] = ("embed_tokens", "lm_head")
+    rslora: bool = False
+    target_modules: Annotated[tuple[Text, ...], NonEmpty()] = LINEAR_MODULES
+
+
+@dataclass(frozen=True)
+class QLoraSettings:
+    """QLoRA's frozen base: bitsandbytes 4-bit (NF4 by default) with double quantization."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+@dataclass(frozen=True)
+class IA3Settings:
+    """IA3: learned per-channel scales on keys, values and the MLP input (``feedforward_modules``)."""
+
+    target_modules: Annotated[tuple[Text, ...], NonEmpty()] = ("k_proj", "v_proj", "down_proj")
+    feedforward_modules: tuple[Text, ...] = ("down_proj",)
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        if self.method == "lora" and not self.target_modules:
-            yield "target_modules", "must not be empty when method is lora"
+        extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+        if extra:
+            yield "feedforward_modules", f"must be a subset of target_modules, got extra {extra}"
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """Prompt tuning: ``num_virtual_tokens`` trained input embeddings (k·d parameters).
+
+    ``init``: where the virtual tokens start: ``sample_vocab`` (rows of random vocabulary tokens),
+    ``random`` (fresh random vectors) or ``text`` (the embeddings of ``init_text``, repeated)."""
+
+    num_virtual_tokens: Count = 8
+    init: Literal["sample_vocab", "random", "text"] = "sample_vocab"
+    init_text: Text = "Answer the request."
+
+
+@dataclass(frozen=True)
+class PrefixSettings:
+    """Prefix tuning: per-layer key/value prefixes (L·2·k·d parameters); ``projection_size`` > 0
+    reparameterises them through a 2-layer MLP of that width, as in the paper."""
+
+    num_virtual_tokens: Count = 8
+    projection_size: NonNegativeInt = 0
+
+
+@dataclass(frozen=True)
+class BitFitSettings:
+    """BitFit: only bias terms train; Llama has none, so zero biases are added to ``target_modules``."""
+
+    target_modules: Annotated[tuple[Text, ...], NonEmpty()] = LINEAR_MODULES
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Houlsby bottleneck adapters ``y + up(act(down(y)))`` after the attention and/or MLP output."""
+
+    bottleneck: Count = 16
+    placement: Literal["both", "attention", "mlp"] = "both"
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+
+
+@dataclass(frozen=True)
+class TinyTLSettings:
+    """TinyTL: biases plus lite residual branches ``up(act(down(pool(x))))`` beside ``target_modules``.
+
+    The branch sees the input average-pooled by ``reduction`` (the paper's reduced-resolution
+    residual), so backward keeps that small copy instead of the full activation."""
+
+    bottleneck: Count = 8
+    reduction: Count = 4
+    target_modules: Annotated[tuple[Text, ...], NonEmpty()] = ("gate_proj", "up_proj", "down_proj")
+
+
+PEFT_GROUPS: dict[str, type] = {
+    "lora": LoraSettings, "qlora": QLoraSettings, "ia3": IA3Settings, "prompt": PromptSettings,
+    "prefix": PrefixSettings, "bitfit": BitFitSettings, "adapter": AdapterSettings, "tinytl": TinyTLSettings,
+}  # fmt: skip
+
+
+def _knob_homes(relative: str = "", exclude: str = "") -> dict[str, tuple[str, ...]]:
+    """knob name -> the sub-blocks of ``peft`` that hold it (``relative`` prefixes each: ``../``)."""
+    homes: dict[str, set[str]] = {}
+    for group, cls in PEFT_GROUPS.items():
+        for f in fields(cls):
+            homes.setdefault(f.name, set()).add(group)
+    own = {f.name for f in fields(PEFT_GROUPS[exclude])} if exclude else set()
+    return {n: tuple(relative + g for g in sorted(gs)) for n, gs in homes.items() if n not in own}
+
+
+for _group, _cls in PEFT_GROUPS.items():  # a knob under the wrong sub-block is told where it goes
+    _cls.MISPLACED_KEYS = _knob_homes("../", exclude=_group)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """How a stage trains: ``method: full`` (every weight) or one parameter-efficient method.
+
+    Each method reads its own sub-block (lora, dora and qlora share ``lora``; qlora adds ``qlora``).
+    ``modules_to_save`` trains whole modules beside the method (any method but full): the
+    chat-template tokens never occur in a from-scratch base's pretraining text, so the tiny
+    model's embedding and head rows must move, which no low-rank or bias update can do.
+    """
+
+    method: Literal[
+        "full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter", "tinytl"
+    ] = "lora"  # fmt: skip
+    modules_to_save: tuple[Text, ...] = ("embed_tokens", "lm_head")
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    qlora: QLoraSettings = field(default_factory=QLoraSettings)
+    ia3: IA3Settings = field(default_factory=IA3Settings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    bitfit: BitFitSettings = field(default_factory=BitFitSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    tinytl: TinyTLSettings = field(default_factory=TinyTLSettings)
+
+    # For the loader: a knob written directly under ``peft`` gets told which sub-block it belongs to.
+    MISPLACED_KEYS = _knob_homes()
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the trained update folds into plain full-precision weights."""
+        return self.method in ("full", "lora", "dora", "qlora", "ia3", "bitfit")
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the stage saves a small adapter over its base rather than full weights."""
+        return self.method != "full"
 
 
 @dataclass(frozen=True)
@@ -232,6 +358,9 @@ class SFTConfig:
     lr_scheduler: Annotated[str, OneOf(LR_SCHEDULERS)] = "cosine"
     padding_free: bool = False  # TRL padding-free batches: no pad tokens, the same loss
     seed: Seed = 0
+    # metrics/sft.json's eval_accuracy/eval_reward: greedy answers to the first n held-out eval prompts
+    n_eval_prompts: Count = 64
+    eval_max_new_tokens: Count = 12
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
@@ -265,6 +394,14 @@ class RewardModelConfig:
     batch_size: Count = 16
     max_length: Count = 64
     seed: Seed = 0
+    peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="full"))
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.peft.method not in ("full", "lora", "dora", "qlora"):
+            yield (
+                "peft.method",
+                f"the reward model trains full | lora | dora | qlora, got {self.peft.method!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -390,8 +527,13 @@ class AlignConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        if self.peft.method != "lora":  # the KL reference and the report's start are the adapter disabled
-            yield "peft.method", "must be lora: the reference policy is SFT = the adapter disabled"
+        # The KL reference and the held-out report's start are SFT = the adapter disabled.
+        if self.peft.method not in ("lora", "dora", "qlora"):
+            yield (
+                "peft.method",
+                f"align trains lora | dora | qlora (the reference policy is SFT = the adapter disabled), "
+                f"got {self.peft.method!r}",
+            )
 
 
 @dataclass(frozen=True)

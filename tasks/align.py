@@ -30,7 +30,7 @@ from components.errors import DataError
 from components.evaluation.generate import chat_prompt_ids
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
-from components.peft.adapters import load_policy, lora_config, save_policy
+from components.peft.adapters import load_trainable, save_policy
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
 from components.training.checkpoints import checkpoint_dir, clear_checkpoints
@@ -127,14 +127,15 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             if cfg.method == "ppo":
                 device, _ = resolve_compute(params.compute)  # PPO trains in fp32 on that device
                 set_seed(cfg.seed)
+                trainable = load_trainable(policy, cfg.peft, "align.peft", device=device, seed=cfg.seed)
                 model, history = train_ppo(
-                    load_policy(policy).to(device),
+                    trainable.model if cfg.peft.method == "qlora" else trainable.model.to(device),
                     tokenizer,
                     prompts,
                     chat_prompt_ids(tokenizer, [r["prompt"] for r in prompts]),
                     reward,
                     cfg.ppo,
-                    lora_config(cfg.peft),
+                    trainable.peft_config,
                     seed=cfg.seed,
                     log=lambda row, step: tracker.log_metrics(
                         {f"align/{k}": v for k, v in row.items()}, step=step

@@ -26,7 +26,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     cfg = params.preferences
     processed = Path(params.paths.processed)
     records = read_jsonl(processed / "preference_prompts.jsonl")[: cfg.max_prompts]
-    model = load_policy(params.paths.sft_model)
+    model = load_policy(params.paths.sft_model, attached_ok=True)  # sampling works through any adapter
     tokenizer = load_tokenizer(params.paths.sft_model)
     samples = generate(
         model,

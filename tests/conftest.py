@@ -39,7 +39,7 @@ TINY_OVERRIDES = {
         "learning_rate": 0.005,
         "batch_size": 16,
         "warmup_steps": 2,
-        "peft": {"r": 4, "alpha": 8},
+        "peft": {"lora": {"r": 4, "alpha": 8}},
     },
     "preferences": {"k": 4, "max_prompts": 48, "batch_size": 48, "max_new_tokens": 6},
     "reward_model": {"epochs": 1, "batch_size": 8},
@@ -47,7 +47,7 @@ TINY_OVERRIDES = {
     "align": {
         "method": "dpo",
         "n_report_prompts": 8,
-        "peft": {"r": 4, "alpha": 8},
+        "peft": {"lora": {"r": 4, "alpha": 8}},
         "dpo": {"epochs": 1, "batch_size": 8},
         "grpo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
         "rloo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},

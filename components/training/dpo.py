@@ -20,10 +20,11 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
 from components.data.preferences import build_pairs, trl_columns
+from components.distributed import resolve_compute
 from components.errors import DataError
 from components.evaluation.generate import generate
 from components.params import AlignConfig, ComputeConfig, DPOConfig
-from components.peft.adapters import load_policy, lora_config
+from components.peft.adapters import load_trainable
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -75,8 +76,12 @@ def train_dpo(
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
     dpo = cfg.dpo
-    model: Any = load_policy(policy_dir)
-    peft_config = lora_config(cfg.peft)
+    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
+    policy = load_trainable(
+        policy_dir, cfg.peft, "align.peft", device=device, seed=cfg.seed, scratch=work_dir.parent
+    )
+    model: Any = policy.model
+    peft_config = policy.peft_config
     history: list[dict[str, float]] = []
     pairs: Sequence[dict[str, Any]] = train_pairs
     offset = 0
@@ -119,6 +124,7 @@ def train_dpo(
             peft_config=peft_config if round_no == 1 else None,  # later rounds continue the adapter
             callbacks=[callback],
         )
+        policy.settle(trainer)
         resume_or_train(trainer)
         model = trainer.model
         history += callback.history

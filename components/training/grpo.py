@@ -25,8 +25,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from components.distributed import resolve_compute
 from components.params import ComputeConfig, GRPOSettings, PeftConfig, RLOOSettings
-from components.peft.adapters import load_policy, lora_config
+from components.peft.adapters import load_trainable
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -88,14 +89,17 @@ def train_group_rl(
         args = RLOOConfig(**shared)
         trainer_cls = RLOOTrainer
     callback = TrackerCallback(tracker, prefix="align/")
+    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
+    policy = load_trainable(policy_dir, peft, "align.peft", device=device, seed=seed, scratch=work_dir.parent)
     trainer = trainer_cls(
-        model=load_policy(policy_dir),
+        model=policy.model,
         reward_funcs=reward.trl(),
         args=args,
         train_dataset=prompt_dataset(records),
         processing_class=tokenizer,
-        peft_config=lora_config(peft),
+        peft_config=policy.peft_config,
         callbacks=[callback],
     )
+    policy.settle(trainer)
     resume_or_train(trainer)
     return trainer.model, callback.history

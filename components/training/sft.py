@@ -23,10 +23,12 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
+from components.distributed import resolve_compute
 from components.errors import PosttrainError
 from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, SFTConfig
-from components.peft.adapters import load_policy, lora_config, new_token_ids, save_policy
+from components.peft.adapters import load_trainable, new_token_ids, save_policy
+from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -122,13 +124,19 @@ def train_sft(
     work_dir: Path,
     compute: ComputeConfig | None = None,
     model_name: str = "",
-) -> list[dict[str, float]]:
-    """Train and save the SFT policy (a LoRA adapter over ``base_dir``, or full weights).
+) -> tuple[list[dict[str, float]], TrainablePolicy]:
+    """Train and save the SFT policy (an adapter over ``base_dir`` by ``sft.peft``, or full weights).
 
+    Returns the history and the trained policy (its model, with the adapter attached).
     ``model_name`` (``base.model``) only names the model in a chat-template error.
     """
     tokenizer = load_tokenizer(base_dir)
-    model = load_policy(base_dir)
+    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
+    policy = load_trainable(
+        base_dir, cfg.peft, "sft.peft", device=device, new_tokens=new_token_ids(base_dir), seed=cfg.seed,
+        scratch=work_dir.parent if work_dir.parent.exists() else None,
+    )  # fmt: skip
+    model = policy.model
     stop_ids = stop_token_ids(tokenizer, model)
     train_dataset, eval_dataset = (
         completion_dataset(tokenizer, records, stop_ids, model_name, cfg.max_length) if records else None
@@ -145,6 +153,8 @@ def train_sft(
         compute=compute,
         resumable=True,
     )
+    if cfg.peft.method == "prefix":  # PEFT cannot recompute activations through prefix tuning
+        common["gradient_checkpointing"] = False
     args = TRLSFTConfig(
         **common,
         # already truncated above; TRL refuses max_length with padding-free batches and no packing
@@ -161,11 +171,11 @@ def train_sft(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(
-            cfg.peft, new_tokens=new_token_ids(base_dir), tied=bool(model.config.tie_word_embeddings)
-        ),
+        peft_config=policy.peft_config,
         callbacks=[callback],
     )
+    policy.settle(trainer)
     resume_or_train(trainer)
-    save_policy(trainer.model, tokenizer, out_dir, base_dir)
-    return callback.history
+    save_policy(trainer.model, tokenizer, out_dir, base_dir, cfg.peft)
+    policy.model = trainer.model
+    return callback.history, policy

@@ -37,6 +37,10 @@ SFT = {
     "first_loss": 5.005208492279053,
     "final_loss": 3.9157674312591553,
     "eval_loss": 3.9806838035583496,
+    "peft_method": "lora",
+    "eval_accuracy": 0.0,  # the tiny test policy answers no held-out prompt yet
+    "eval_reward": 0.0,
+    "n_eval_prompts": 16,
 }
 
 # The tiny SFT policy never samples a right answer, so every pair has the reference as chosen.
@@ -120,7 +124,18 @@ RAG_INDEX = {"n_documents": 8, "n_chunks": 37, "n_skipped": 0, "skipped": []}
 
 _SELF_DESCRIPTION = {"config.yaml", "manifest.json", "metrics.json"}
 _HF_TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
-_ADAPTER = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+_ADAPTER = {"adapter_config.json", "adapter_model.safetensors", "README.md", "base_model.json"}
+# What a training stage measures about its cost (components/training/cost.py): present, not pinned.
+COST_KEYS = frozenset(
+    {
+        "trainable_params",
+        "total_params",
+        "trainable_share",
+        "peak_memory_bytes",
+        "train_seconds",
+        "adapter_bytes",
+    }
+)
 
 # models/compressed: expected to change shape soon (registration moved out of compress); update here.
 COMPRESSED_FILES = frozenset(

@@ -87,7 +87,7 @@ def test_trl_online_methods_train_an_adapter_and_report_held_out_reward(
     assert metrics["kl_to_ref"] > 0, "an adapter that moved the policy has a positive KL to SFT"
     (run,) = trainer_runs
     peft = yaml.safe_load((project / "params.yaml").read_text())["align"]["peft"]
-    check_lora_run(run, 2, peft["target_modules"], peft["modules_to_save"])
+    check_lora_run(run, 2, peft["lora"]["target_modules"], peft["modules_to_save"])
     check_adapter_over_sft(project)
     assert tracker.series("align/reward"), "the training reward is logged per step"
     curve = (project / "plots/align_reward.csv").read_text().splitlines()

@@ -66,7 +66,8 @@ def _configure(project: Path) -> None:
         "warmup_steps": 0,
         "lr_scheduler": "constant",
     }
-    params["sft"]["peft"] |= {"r": 8, "alpha": 16, "modules_to_save": []}
+    params["sft"]["peft"]["lora"] |= {"r": 8, "alpha": 16}
+    params["sft"]["peft"]["modules_to_save"] = []
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -255,7 +256,8 @@ def test_online_alignment_runs_on_the_real_model(run: dict[str, Any], method: st
     project = run["project"]
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["align"] |= {"method": method, "reward": "verifier", "n_report_prompts": 2}
-    params["align"]["peft"] |= {"r": 8, "alpha": 16, "modules_to_save": []}
+    params["align"]["peft"]["lora"] |= {"r": 8, "alpha": 16}
+    params["align"]["peft"]["modules_to_save"] = []
     params["align"]["grpo"] |= {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 8}
     params["align"]["ppo"] |= {"steps": 1, "batch_size": 2, "minibatch_size": 2, "max_new_tokens": 8}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

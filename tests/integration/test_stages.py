@@ -236,7 +236,10 @@ def test_sft_trains_a_lora_adapter_that_changes_the_model(
     metrics, tracker = run_stage("sft")
     out = project / "models/sft"
     assert output_files(out) == golden.OUTPUT_FILES["models/sft"]
-    assert_golden(metrics, golden.SFT)
+    assert golden.COST_KEYS <= set(metrics)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["adapter_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+    assert_golden({k: v for k, v in metrics.items() if k not in golden.COST_KEYS}, golden.SFT)
     assert tracker.series("sft/loss")[-1] == metrics["final_loss"]
     assert tracker.series("sft/eval_loss")[-1] == metrics["eval_loss"]
     loss_rows = (project / "plots/sft_loss.csv").read_text().splitlines()
@@ -255,7 +258,9 @@ def test_sft_trains_a_lora_adapter_that_changes_the_model(
     params = load_params("params.yaml")
     (run,) = trainer_runs
     peft_cfg = params.sft.peft
-    check_lora_run(run, params.base.num_layers, list(peft_cfg.target_modules), list(peft_cfg.modules_to_save))
+    check_lora_run(
+        run, params.base.num_layers, list(peft_cfg.lora.target_modules), list(peft_cfg.modules_to_save)
+    )
     from components.models.loading import load_causal_lm
 
     base = load_causal_lm(project / "models/base")
@@ -357,7 +362,9 @@ def test_align_dpo_trains_a_fresh_adapter_over_sft(project: Path, trainer_runs: 
     params = load_params("params.yaml")
     (run,) = trainer_runs
     peft_cfg = params.align.peft
-    check_lora_run(run, params.base.num_layers, list(peft_cfg.target_modules), list(peft_cfg.modules_to_save))
+    check_lora_run(
+        run, params.base.num_layers, list(peft_cfg.lora.target_modules), list(peft_cfg.modules_to_save)
+    )
     from components.peft.adapters import load_policy
 
     sft = load_policy(project / "models/sft")

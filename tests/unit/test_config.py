@@ -57,26 +57,31 @@ def test_null_section_gives_that_section_defaults():
 
 
 def test_partial_section_overrides_only_given_keys(tmp_path):
-    path = _write(tmp_path, "sft:\n  epochs: 7\n  peft:\n    r: 4\n")
+    path = _write(tmp_path, "sft:\n  epochs: 7\n  peft:\n    lora:\n      r: 4\n")
     params = load_params(path)
     assert params.sft.epochs == 7
-    assert params.sft.peft.r == 4
+    assert params.sft.peft.lora.r == 4
     # everything not mentioned keeps its default
     assert params.sft.learning_rate == SFTConfig().learning_rate
-    assert params.sft.peft.alpha == PeftConfig().alpha
+    assert params.sft.peft.lora.alpha == PeftConfig().lora.alpha
+    assert params.sft.peft.method == "lora"
     assert params.align == AlignConfig()
 
 
 def test_nested_sections_build_nested_dataclasses():
-    params = parse_params({"align": {"peft": {"r": 4}, "dpo": {"beta": 0.5}}})
+    params = parse_params({"align": {"peft": {"lora": {"r": 4}}, "dpo": {"beta": 0.5}}})
     assert isinstance(params.align.peft, PeftConfig)
-    assert params.align.peft.r == 4
+    assert params.align.peft.lora.r == 4
     assert params.align.dpo.beta == 0.5
 
 
 def test_align_needs_an_adapter_and_grpo_its_groups():
-    with pytest.raises(ConfigError, match=r"^align\.peft\.method: must be lora"):
-        parse_params({"align": {"peft": {"method": "none"}}})
+    with pytest.raises(ConfigError, match=r"^align\.peft\.method: align trains lora \| dora \| qlora"):
+        parse_params({"align": {"peft": {"method": "prompt"}}})
+    with pytest.raises(
+        ConfigError, match=r"^align\.peft\.method: align trains lora \| dora \| qlora .*'full'"
+    ):
+        parse_params({"align": {"method": "ppo", "peft": {"method": "full"}}})
     with pytest.raises(ConfigError, match=r"^align\.grpo\.num_generations: must be >= 2, got 1"):
         parse_params({"align": {"grpo": {"num_generations": 1}}})
     with pytest.raises(ConfigError, match=r"^align\.grpo\.loss_type: "):
@@ -86,12 +91,14 @@ def test_align_needs_an_adapter_and_grpo_its_groups():
 
 
 def test_yaml_lists_become_tuples(tmp_path):
-    path = _write(tmp_path, "ingest:\n  tasks: [add, upper]\nsft:\n  peft:\n    target_modules: [q_proj]\n")
+    path = _write(
+        tmp_path, "ingest:\n  tasks: [add, upper]\nsft:\n  peft:\n    lora:\n      target_modules: [q_proj]\n"
+    )
     params = load_params(path)
     assert params.ingest.tasks == ("add", "upper")
     assert isinstance(params.ingest.tasks, tuple)
-    assert params.sft.peft.target_modules == ("q_proj",)
-    assert isinstance(params.sft.peft.target_modules, tuple)
+    assert params.sft.peft.lora.target_modules == ("q_proj",)
+    assert isinstance(params.sft.peft.lora.target_modules, tuple)
     # tuples of floats coerce their items as well
     weights = parse_params({"align": {"dpo": {"loss_weights": [1, 0.5]}}}).align.dpo.loss_weights
     assert weights == (1.0, 0.5)
@@ -191,8 +198,8 @@ def test_literal_rejects_other_values():
 
 
 def test_nested_literal_rejects_other_values():
-    with pytest.raises(ConfigError, match=r"^sft\.peft\.method: .*'qlora'"):
-        parse_params({"sft": {"peft": {"method": "qlora"}}})
+    with pytest.raises(ConfigError, match=r"^sft\.peft\.method: .*'none'"):
+        parse_params({"sft": {"peft": {"method": "none"}}})  # the old spelling of full
 
 
 def test_tuple_field_rejects_a_scalar():
@@ -202,8 +209,8 @@ def test_tuple_field_rejects_a_scalar():
 
 
 def test_tuple_item_of_wrong_type_names_index():
-    with pytest.raises(ConfigError, match=r"^sft\.peft\.target_modules\[1\]: expected str, got int"):
-        parse_params({"sft": {"peft": {"target_modules": ["q_proj", 3]}}})
+    with pytest.raises(ConfigError, match=r"^sft\.peft\.lora\.target_modules\[1\]: expected str, got int"):
+        parse_params({"sft": {"peft": {"lora": {"target_modules": ["q_proj", 3]}}}})
 
 
 def test_nested_dataclass_rejects_non_mapping():
@@ -283,7 +290,7 @@ def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.sft.epochs = 9  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        params.sft.peft.r = 1  # type: ignore[misc]
+        params.sft.peft.lora.r = 1  # type: ignore[misc]
     cfg = IngestConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 1  # type: ignore[misc]
@@ -296,9 +303,9 @@ def test_configs_are_hashable_and_compare_by_value():
 
 
 def test_to_dict_is_plain_yaml_and_round_trips():
-    params = parse_params({"sft": {"epochs": 5, "peft": {"target_modules": ["q_proj", "v_proj"]}}})
+    params = parse_params({"sft": {"epochs": 5, "peft": {"lora": {"target_modules": ["q_proj", "v_proj"]}}}})
     plain = to_dict(params)
-    assert plain["sft"]["peft"]["target_modules"] == ["q_proj", "v_proj"]  # tuples become lists
+    assert plain["sft"]["peft"]["lora"]["target_modules"] == ["q_proj", "v_proj"]  # tuples become lists
     text = yaml.safe_dump(plain)  # safe_dump refuses tuples and dataclasses, so this proves plainness
     assert parse_params(yaml.safe_load(text)) == params
 
@@ -307,7 +314,7 @@ def test_flatten_uses_dotted_keys_and_round_trips():
     params = parse_params({"align": {"dpo": {"beta": 0.25}}})
     flat = flatten(to_dict(params))
     assert flat["align.dpo.beta"] == 0.25
-    assert flat["sft.peft.r"] == params.sft.peft.r
+    assert flat["sft.peft.lora.r"] == params.sft.peft.lora.r
     assert flat["ingest.tasks"] == list(params.ingest.tasks)  # lists are leaves, not expanded
     assert all(not isinstance(v, dict) for v in flat.values())
     assert parse_params(_unflatten(flat)) == params
@@ -475,14 +482,32 @@ NONSENSE = [
     ("sft.warmup_steps", -1, "sft.warmup_steps", r"must be >= 0, got -1"),
     ("sft.lr_scheduler", "cosine_with_min_lr", "sft.lr_scheduler", r"expected one of"),  # needs kwargs
     ("sft.seed", -1, "sft.seed", r"must be in \[0, "),
-    ("sft.peft.r", 0, "sft.peft.r", r"must be >= 1, got 0"),
-    ("sft.peft.alpha", 0, "sft.peft.alpha", r"must be >= 1, got 0"),
-    ("sft.peft.dropout", 1.0, "sft.peft.dropout", r"must be in \[0, 1\), got 1\.0"),
-    ("sft.peft.dropout", -0.1, "sft.peft.dropout", r"must be in \[0, 1\)"),
-    ("sft.peft.target_modules", [], "sft.peft.target_modules", r"must not be empty when method is lora"),
-    ("sft.peft.target_modules", ["q_proj", ""], "sft.peft.target_modules[1]", r"must not be empty"),
+    ("sft.peft.lora.r", 0, "sft.peft.lora.r", r"must be >= 1, got 0"),
+    ("sft.peft.lora.alpha", 0, "sft.peft.lora.alpha", r"must be >= 1, got 0"),
+    ("sft.peft.lora.dropout", 1.0, "sft.peft.lora.dropout", r"must be in \[0, 1\), got 1\.0"),
+    ("sft.peft.lora.dropout", -0.1, "sft.peft.lora.dropout", r"must be in \[0, 1\)"),
+    ("sft.peft.lora.target_modules", [], "sft.peft.lora.target_modules", r"must not be empty"),
+    ("sft.peft.lora.target_modules", ["q_proj", ""], "sft.peft.lora.target_modules[1]", r"must not be empty"),
     ("align.peft.modules_to_save", [" "], "align.peft.modules_to_save[0]", r"must not be empty"),
-    ("align.peft.r", -4, "align.peft.r", r"must be >= 1, got -4"),
+    ("align.peft.lora.r", -4, "align.peft.lora.r", r"must be >= 1, got -4"),
+    ("reward_model.peft.lora.r", 0, "reward_model.peft.lora.r", r"must be >= 1, got 0"),
+    ("sft.peft.prompt.num_virtual_tokens", 0, "sft.peft.prompt.num_virtual_tokens", r"must be >= 1, got 0"),
+    ("sft.peft.prefix.num_virtual_tokens", 0, "sft.peft.prefix.num_virtual_tokens", r"must be >= 1"),
+    ("sft.peft.adapter.bottleneck", 0, "sft.peft.adapter.bottleneck", r"must be >= 1, got 0"),
+    ("sft.peft.tinytl.reduction", 0, "sft.peft.tinytl.reduction", r"must be >= 1, got 0"),
+    ("sft.peft.qlora.quant_type", "int4", "sft.peft.qlora.quant_type", r"expected one of \['nf4', 'fp4'\]"),
+    (
+        "sft.peft.ia3.feedforward_modules",
+        ["q_proj"],
+        "sft.peft.ia3.feedforward_modules",
+        r"must be a subset of target_modules",
+    ),
+    (
+        "reward_model.peft.method",
+        "prompt",
+        "reward_model.peft.method",
+        r"the reward model trains full \| lora",
+    ),
     # preferences
     ("preferences.max_prompts", 0, "preferences.max_prompts", r"must be >= 1"),
     ("preferences.max_new_tokens", 0, "preferences.max_new_tokens", r"must be >= 1"),
@@ -621,7 +646,10 @@ def test_learning_rate_zero_stays_valid():
     [
         ("preferences.eval_fraction", 0.0),  # no held-out pairs
         ("sft.warmup_steps", 0),
-        ("sft.peft.dropout", 0.5),
+        ("sft.peft.lora.dropout", 0.5),
+        ("sft.peft.method", "tinytl"),
+        ("align.peft.method", "qlora"),
+        ("reward_model.peft.method", "lora"),
         ("rag_index.chunk_overlap", 0),
         ("rag_index.chunk_overlap", 499),
         ("evaluate.promotion_max_accuracy_drop", 0),
@@ -639,9 +667,22 @@ def test_edge_values_that_make_sense_are_accepted(dotted, value):
     parse_params(data)
 
 
-def test_peft_without_target_modules_is_fine_for_a_full_fine_tune():
-    params = parse_params({"sft": {"peft": {"method": "none", "target_modules": []}}})
-    assert params.sft.peft.target_modules == ()
+def test_a_peft_knob_in_the_wrong_block_is_told_where_it_belongs():
+    with pytest.raises(
+        ConfigError, match=r"^sft\.peft\.r: unknown key here; this knob belongs in sft\.peft\.lora\.r$"
+    ):
+        parse_params({"sft": {"peft": {"r": 8}}})  # the old flat layout
+    with pytest.raises(ConfigError, match=r"^align\.peft\.prompt\.r: .* belongs in align\.peft\.lora\.r$"):
+        parse_params({"align": {"peft": {"prompt": {"r": 8}}}})
+    with pytest.raises(ConfigError, match=r"sft\.peft\.prefix\.num_virtual_tokens or sft\.peft\.prompt\."):
+        parse_params({"sft": {"peft": {"lora": {"num_virtual_tokens": 8}}}})
+
+
+def test_a_nested_default_that_differs_from_its_class_survives_a_partial_override():
+    # reward_model.peft defaults to a full fine-tune; giving only a lora knob must not switch it to lora
+    params = parse_params({"reward_model": {"peft": {"lora": {"r": 4}}}})
+    assert params.reward_model.peft.method == "full" and params.reward_model.peft.lora.r == 4
+    assert params.sft.peft.method == "lora"
 
 
 def test_one_sample_per_prompt_needs_the_reference_as_chosen():

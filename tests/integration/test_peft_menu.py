@@ -1,0 +1,213 @@
+"""The PEFT menu on the tiny model: each method trains exactly its own tensors, saves, and reloads.
+
+One tiny project (base + ingest) is built per module; every method then runs the real SFT
+training (TRL's ``SFTTrainer``) for a few steps with ``modules_to_save: []``, so the only
+trainable tensors are the method's own. The spy on ``Trainer.train`` records every tensor
+before and after; each test asserts which moved, that every frozen one is bit-identical, and
+that the saved adapter reproduces the trained model (merged, for the methods that merge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.params import PeftConfig, SFTConfig
+from components.peft.adapters import AdapterBaseMismatch, NotMergeableError, load_policy
+from components.peft.custom import PeftSetupError
+from tests.conftest import make_project
+from tests.integration.test_stages import TrainingRun, run_stage
+from tests.integration.test_stages import trainer_runs as trainer_runs  # the spy fixture
+
+pytestmark = pytest.mark.slow
+
+BASE = Path("models/base")
+PROMPT = "add 12 and 30"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    root = make_project(tmp_path_factory.mktemp("peft") / "project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run_stage("base")
+        run_stage("ingest")
+        yield root
+
+
+def sft_config(method: str, **peft_changes) -> SFTConfig:
+    peft = dataclasses.replace(PeftConfig(), method=method, modules_to_save=(), **peft_changes)
+    return SFTConfig(epochs=1, batch_size=8, learning_rate=1e-2, warmup_steps=0, peft=peft)
+
+
+def train(cfg: SFTConfig, out: Path, n: int = 32, n_eval: int = 0):
+    from components.data.jsonl import read_jsonl
+    from components.tracking import RecordingTracker
+    from components.training.sft import train_sft
+
+    records = read_jsonl("data/processed/sft_train.jsonl")[:n]
+    held_out = read_jsonl("data/processed/sft_eval.jsonl")[:n_eval]
+    out.mkdir(parents=True)
+    _, policy = train_sft(
+        cfg, BASE, records, held_out, out, RecordingTracker(), out.parent / f"{out.name}-work"
+    )
+    return policy
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    from components.evaluation.generate import chat_prompt_ids
+    from components.models.loading import load_tokenizer
+
+    ids = torch.tensor([chat_prompt_ids(load_tokenizer(BASE), [PROMPT])[0]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits[:, -ids.shape[1] :].float()
+
+
+def base_logits() -> torch.Tensor:
+    from components.models.loading import load_causal_lm
+
+    return logits(load_causal_lm(BASE))
+
+
+# Which tensors each method may train (names as the trainer sees them), and which merge.
+OWN_TENSORS = {
+    "lora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "dora": lambda n: ".lora_A." in n or ".lora_B." in n or ".lora_magnitude_vector." in n,
+    "qlora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "ia3": lambda n: ".ia3_l." in n,
+    "prompt": lambda n: n.startswith("prompt_encoder."),
+    "prefix": lambda n: n.startswith("prompt_encoder."),
+    "bitfit": lambda n: n.endswith(".bitfit_bias"),
+    "adapter": lambda n: ".bottleneck_adapter." in n,
+    "tinytl": lambda n: n.endswith(".bitfit_bias") or ".lite_residual." in n,
+    "full": lambda n: True,
+}
+MERGEABLE = ("lora", "dora", "ia3", "bitfit", "full")
+
+
+@pytest.mark.parametrize("method", list(OWN_TENSORS))
+def test_each_method_trains_exactly_its_own_tensors(
+    project: Path, method: str, trainer_runs: list[TrainingRun], tmp_path: Path
+) -> None:
+    out = tmp_path / method
+    policy = train(sft_config(method), out)
+    (run,) = trainer_runs
+    run.check(OWN_TENSORS[method])  # each own tensor moved, every other one bit-identical
+    if method in ("lora", "dora", "qlora"):
+        b = [n for n in run.before if ".lora_B." in n]
+        assert b and not any(run.before[n].any() for n in b), "LoRA's B starts at zero"
+    if method in ("bitfit", "tinytl"):
+        assert not any(run.before[n].any() for n in run.trainable if n.endswith(".bitfit_bias"))
+    if method in ("adapter", "tinytl"):
+        ups = [n for n in run.trainable if ".up." in n]
+        assert ups and not any(run.before[n].any() for n in ups), "bottlenecks start as a no-op"
+
+    attached = logits(policy.model)
+    assert not torch.allclose(attached, base_logits(), atol=1e-4), (
+        "training changed nothing the model outputs"
+    )
+    if method in MERGEABLE:
+        merged = load_policy(out)
+        assert type(merged).__name__ == "LlamaForCausalLM"
+        torch.testing.assert_close(logits(merged), attached, atol=2e-5, rtol=1e-4)
+    elif method != "qlora":
+        with pytest.raises(NotMergeableError, match=rf"{method} adapter \(peft.method: {method}\)"):
+            load_policy(out)
+        torch.testing.assert_close(logits(load_policy(out, attached_ok=True)), attached, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "adapter", "tinytl"])
+def test_methods_start_exactly_at_the_base_model(project: Path, method: str) -> None:
+    from peft import get_peft_model
+
+    from components.models.loading import load_causal_lm
+    from components.peft.methods import prepare
+
+    policy = prepare(load_causal_lm(BASE), sft_config(method).peft, "sft.peft")
+    model = get_peft_model(policy.model, policy.peft_config) if policy.peft_config else policy.model
+    torch.testing.assert_close(logits(model), base_logits(), atol=0, rtol=0)
+
+
+def test_bitfit_merges_into_a_plain_llama_with_biases(project: Path, tmp_path: Path) -> None:
+    from components.models.loading import load_causal_lm
+
+    out = tmp_path / "bitfit"
+    train(sft_config("bitfit"), out)
+    merged = load_policy(out)
+    assert merged.config.attention_bias and merged.config.mlp_bias
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = load_causal_lm(tmp_path / "merged")  # plain transformers, no hooks
+    torch.testing.assert_close(logits(reloaded), logits(merged), atol=1e-6, rtol=0)
+
+
+def test_qlora_base_is_4bit_and_merges_onto_the_full_precision_base(project: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from components.models.loading import load_causal_lm
+
+    out = tmp_path / "qlora"
+    policy = train(sft_config("qlora"), out)
+    assert policy.facts["quantized_weight_bytes_ratio"] <= 0.28  # NF4 + double quantization: ~0.258
+    merged = load_policy(out)
+    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules()), "merged onto fp32 weights"
+    unmerged = PeftModel.from_pretrained(load_causal_lm(BASE), str(out))
+    torch.testing.assert_close(logits(merged), logits(unmerged), atol=2e-5, rtol=1e-4)
+
+
+def test_qlora_adapter_keeps_learning_after_an_eval_pass(project: Path) -> None:
+    """bitsandbytes' CPU repack after a no-grad eval forward would stop LoRA's gradients silently."""
+    from peft import get_peft_model
+
+    from components.peft.adapters import load_trainable
+
+    policy = load_trainable(BASE, sft_config("qlora").peft, "sft.peft")
+    model = get_peft_model(policy.model, policy.peft_config)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # the eval pass
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unknown_target_module_names_the_key(project: Path, tmp_path: Path) -> None:
+    peft = dataclasses.replace(PeftConfig().lora, target_modules=("q_proj", "qkv_proj"))
+    with pytest.raises(
+        PeftSetupError, match=r"^sft\.peft\.lora\.target_modules: no Linear layer named \['qkv_proj'\]"
+    ):
+        train(sft_config("lora", lora=peft), tmp_path / "x")
+    with pytest.raises(PeftSetupError, match=r"^sft\.peft\.bitfit\.target_modules: no Linear layer named"):
+        train(
+            sft_config("bitfit", bitfit=dataclasses.replace(PeftConfig().bitfit, target_modules=("w1",))),
+            tmp_path / "y",
+        )
+
+
+def test_qlora_without_bitsandbytes_is_one_clear_line(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as on a machine without it
+    with pytest.raises(PeftSetupError, match=r"^sft\.peft\.method: qlora: .*bitsandbytes"):
+        train(sft_config("qlora"), tmp_path / "q")
+
+
+def test_an_adapter_over_another_base_fails_loudly(project: Path, tmp_path: Path) -> None:
+    from components.models.loading import load_causal_lm, load_tokenizer
+
+    out = tmp_path / "lora"
+    train(sft_config("lora"), out)
+    other = load_causal_lm(BASE)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.5)  # same shapes, different weights
+    other.save_pretrained(tmp_path / "other")
+    load_tokenizer(BASE).save_pretrained(tmp_path / "other")
+    with pytest.raises(AdapterBaseMismatch, match=r"trained over base weights .* but .*other holds"):
+        load_policy(out, base=tmp_path / "other")
+    load_policy(out, base=BASE)  # its own base still loads
