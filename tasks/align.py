@@ -14,8 +14,6 @@ sub-section (``align.grpo.*``) re-runs only this stage and its descendants.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,11 @@ from components.evaluation.generate import chat_prompt_ids
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
 from components.peft.adapters import load_trainable, save_policy
+from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
 from components.training.checkpoints import checkpoint_dir, clear_checkpoints
+from components.training.cost import peft_report
 from components.training.dpo import train_dpo
 from components.training.grpo import train_group_rl
 from components.training.ppo import train_ppo
@@ -57,16 +57,6 @@ SUMMARY_KEYS = (
     "kl_coef",
 )
 RENAMED = {"reward": "train_reward", "kl": "train_kl"}  # "reward" names align.reward in the metrics
-
-
-def peak_memory_mb() -> float:
-    """This process's peak memory so far: CUDA's allocator peak on a GPU, else the peak RSS."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def report_prompts(processed: Path, n: int) -> list[dict[str, str]]:
@@ -148,9 +138,13 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
                     work, params.compute,
                 )  # fmt: skip
         # measured, not reproducible: in metrics/align.json (posttrain compare), not in the output
-        cost = {"train_seconds": time.perf_counter() - started, "peak_memory_mb": peak_memory_mb()}
+        seconds = time.perf_counter() - started
         save_policy(model, tokenizer, tmp, policy)
+        cost = peft_report(TrainablePolicy(model, None, cfg.peft.method, "align.peft"), tmp, seconds)
+        cost["peak_memory_mb"] = cost["peak_memory_bytes"] / 2**20
+        metrics["peft_method"] = cost.pop("peft_method")
         metrics |= held_out_report(model, tokenizer, held_out, reward, seed=cfg.seed)
+        metrics["eval_accuracy"] = metrics["accuracy_end"]  # the key every training stage reports
         last = final_values(history, SUMMARY_KEYS)  # the last logged training values
         metrics |= {RENAMED.get(k, k.replace("/", "_")): v for k, v in last.items()}
         describe_output(

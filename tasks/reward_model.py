@@ -13,6 +13,7 @@ from components.params import Params
 from components.tracking import Tracker
 from components.training.callbacks import write_history_plots
 from components.training.checkpoints import checkpoint_dir, clear_checkpoints
+from components.training.cost import Stopwatch, peft_report
 from components.training.reward_model import load_reward_model, pairwise_accuracy, train_reward_model
 from tasks.stage import stage_command
 
@@ -28,13 +29,20 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             {"reward_model": to_dict(cfg), "compute": to_dict(params.compute)},
             {"sft_model": policy, "preferences": prefs},
         )
-        history = train_reward_model(cfg, policy, train, held_out, tmp, tracker, work, params.compute)
+        with Stopwatch() as watch:
+            history, trained = train_reward_model(
+                cfg, policy, train, held_out, tmp, tracker, work, params.compute
+            )
+        cost = peft_report(trained, tmp, watch.seconds)  # measured, not reproducible: not in the output
         # A DDP worker's part ends with training: transformers saves weights on rank 0 only.
         if not is_main_process():
             return {}
         model, tokenizer = load_reward_model(tmp), load_tokenizer(tmp)
+        accuracy = pairwise_accuracy(model, tokenizer, held_out)
         metrics: dict[str, Any] = {
-            "pairwise_accuracy": pairwise_accuracy(model, tokenizer, held_out),
+            "peft_method": cost.pop("peft_method"),
+            "pairwise_accuracy": accuracy,
+            "eval_accuracy": accuracy,  # the key every training stage reports (here: held-out pairs)
             "train_pairwise_accuracy": pairwise_accuracy(model, tokenizer, train[:500]),
             "n_train": len(train),
             "n_eval": len(held_out),
@@ -47,6 +55,7 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             metrics=metrics,
             inputs={"sft_model": policy, "preferences": prefs},
         )
+        metrics |= cost
     write_history_plots(params.paths.plots, "reward_model", history, ["loss", "eval_loss"], tracker)
     if params.tracking.logs_model(params.paths.reward_model):  # an adapter: the files are the model
         tracker.log_artifact(params.paths.reward_model, artifact_path="model")

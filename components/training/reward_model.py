@@ -17,19 +17,44 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from trl import RewardConfig, RewardTrainer
 
 from components.data.preferences import trl_columns
+from components.distributed import resolve_compute
 from components.errors import DataError
-from components.models.loading import load_tokenizer, save_model
+from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, RewardModelConfig
-from components.peft.adapters import load_policy
+from components.peft.adapters import (
+    adapter_base,
+    check_base,
+    is_adapter,
+    load_policy,
+    load_trainable,
+    save_policy,
+)
+from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
 
 
-def load_reward_model(path: Path | str) -> PreTrainedModel:
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=torch.float32, trust_remote_code=False
-    )
+def load_reward_model(path: Path | str, merge: bool = True) -> PreTrainedModel:
+    """The RM at ``path``: full weights, or an adapter (``reward_model.peft``) merged in fp32 over its
+    base policy with the trained scalar head (``merge=False``: the adapter left attached)."""
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = adapter_base(path)
+        check_base(path, base)
+        with tempfile.TemporaryDirectory() as tmp:
+            load_policy(base).save_pretrained(tmp, safe_serialization=True)
+            backbone = AutoModelForSequenceClassification.from_pretrained(
+                tmp, num_labels=1, dtype=torch.float32, trust_remote_code=False
+            )
+        backbone.config.pad_token_id = load_tokenizer(path).pad_token_id
+        model = PeftModel.from_pretrained(backbone, str(path))
+        model = model.merge_and_unload() if merge else model
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=torch.float32, trust_remote_code=False
+        )
     model.eval()
     return model
 
@@ -79,8 +104,11 @@ def train_reward_model(
     tracker: Tracker,
     work_dir: Path,
     compute: ComputeConfig | None = None,
-) -> list[dict[str, float]]:
-    """Train the RM from the (merged) SFT policy and save it to ``out_dir``."""
+) -> tuple[list[dict[str, float]], TrainablePolicy]:
+    """Train the RM from the (merged) SFT policy and save it to ``out_dir``; (history, trained policy).
+
+    ``reward_model.peft``: a full fine-tune (default), or an adapter (lora, dora, qlora) over the
+    SFT policy with a trained scalar head (PEFT's ``modules_to_save: [score]``)."""
     if len(train_pairs) < 2:
         # RewardTrainer dies with a bare StopIteration on an empty dataset.
         raise DataError(f"reward model needs at least 2 training pairs, got {len(train_pairs)}")
@@ -96,9 +124,12 @@ def train_reward_model(
         compute=compute,
         resumable=True,
     )  # seeds before the reward head is initialised
-    with tempfile.TemporaryDirectory(dir=work_dir.parent if work_dir.parent.exists() else None) as merged:
-        save_model(load_policy(policy_dir), tokenizer, merged)
-        model = load_reward_model(merged)
+    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
+    policy = load_trainable(
+        policy_dir, cfg.peft, "reward_model.peft", device=device, reward_head=True, seed=cfg.seed,
+        scratch=work_dir.parent if work_dir.parent.exists() else None,
+    )  # fmt: skip
+    model = policy.model
     model.config.pad_token_id = tokenizer.pad_token_id
     args = RewardConfig(**common, max_length=cfg.max_length)
     callback = TrackerCallback(tracker, prefix="reward_model/")
@@ -108,8 +139,11 @@ def train_reward_model(
         train_dataset=Dataset.from_list(trl_columns(train_pairs)),
         eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
         processing_class=tokenizer,
+        peft_config=policy.peft_config,
         callbacks=[callback],
     )
+    policy.settle(trainer)
     resume_or_train(trainer)
-    save_model(trainer.model, tokenizer, out_dir)
-    return callback.history
+    save_policy(trainer.model, tokenizer, out_dir, policy_dir, cfg.peft)
+    policy.model = trainer.model
+    return callback.history, policy

@@ -62,10 +62,14 @@ REWARD_MODEL = {
     "n_eval": 7,
     "pairwise_accuracy": 7 / 7,
     "train_pairwise_accuracy": 39 / 41,
+    "peft_method": "full",
+    "eval_accuracy": 7 / 7,
 }
 
 ALIGN = {
     "method": "dpo",
+    "peft_method": "lora",
+    "eval_accuracy": 0.0,  # = accuracy_end
     "reward": "verifier",
     "n_train": 41,
     "n_eval": 7,
