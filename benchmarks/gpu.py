@@ -227,7 +227,7 @@ def run_ours(
         _reset_memory(s.device)
         before = _allocated_gib(s.device)
         start = time.perf_counter()
-        history = train_sft(
+        history, _ = train_sft(
             cfg, base_dir, records, [], Path(tmp) / "out", RecordingTracker(), Path(tmp) / "work", compute
         )
         _sync(s.device)
@@ -539,7 +539,8 @@ def main() -> None:
         learning_rate=3e-4, epochs=1, batch_size=s.batch_size, max_length=s.max_length, warmup_steps=20,
         peft=PeftConfig(modules_to_save=()),
     )  # fmt: skip
-    full = dataclasses.replace(lora, peft=PeftConfig(method="none", modules_to_save=()))
+    full = dataclasses.replace(lora, peft=PeftConfig(method="full", modules_to_save=()))
+    qlora = dataclasses.replace(lora, peft=PeftConfig(method="qlora", modules_to_save=()))
     bnb = (
         "bitsandbytes installed" if importlib.util.find_spec("bitsandbytes") else "bitsandbytes not installed"
     )
@@ -548,7 +549,7 @@ def main() -> None:
         "settings": dataclasses.asdict(s),
         "environment": environment(s),
         "mfu_formula": MFU_FORMULA,
-        "qlora": f"skipped: the project has no QLoRA path (`peft.method` is lora or none); {bnb}",
+        "qlora": f"sft.peft.method: qlora (NF4 + double quantization, bf16 compute); {bnb}",
         "sft": [],
         "generation": [],
         "generate_as_is": "not run",
@@ -566,6 +567,7 @@ def main() -> None:
             ("bare_lora", "bare TRL `SFTTrainer`, LoRA", run_bare, lora),
             ("ours_full", "ours: `train_sft`, full fine-tune", run_ours, full),
             ("bare_full", "bare TRL `SFTTrainer`, full fine-tune", run_bare, full),
+            ("ours_qlora", "ours: `train_sft`, QLoRA (4-bit NF4 base)", run_ours, qlora),
         ]
         if "sft" in args.only:
             for name, label, fn, cfg in runs:

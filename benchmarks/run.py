@@ -379,7 +379,7 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
     from components.data.jsonl import read_jsonl
     from components.evaluation.generate import chat_prompt_ids
     from components.params import PeftConfig, PPOConfig
-    from components.peft.adapters import lora_config
+    from components.peft.methods import library_config
     from components.training.grpo import prompt_dataset
     from components.training.ppo import train_ppo
     from components.training.rewards import RewardFunction
@@ -397,7 +397,9 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
         model, _, _ = _policy()
         cfg = PPOConfig(steps=steps, batch_size=completions, minibatch_size=completions, ppo_epochs=1,
                         max_new_tokens=max_new_tokens)  # fmt: skip
-        return train_ppo(model, tokenizer, records, prompt_ids, reward, cfg, lora_config(peft_cfg))
+        return train_ppo(
+            model, tokenizer, records, prompt_ids, reward, cfg, library_config(peft_cfg, model, "align.peft")
+        )
 
     def bare() -> object:
         model, _, _ = _policy()
@@ -407,7 +409,7 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
                 max_completion_length=max_new_tokens, learning_rate=1e-4, beta=0.05, save_strategy="no",
                 report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
             )  # fmt: skip
-            lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(peft_cfg.target_modules),
+            lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(peft_cfg.lora.target_modules),
                               modules_to_save=list(peft_cfg.modules_to_save))  # fmt: skip
             trainer = RLOOTrainer(model=model, reward_funcs=reward.trl(), args=args,
                                   train_dataset=prompt_dataset(records), processing_class=tokenizer,

@@ -45,6 +45,8 @@ examples:
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
   posttrain deltas ask --delta a=runs/a --delta b=runs/b "What is 2 + 3?"  # fine-tunes on one base
   posttrain deltas serve --delta a=runs/a --delta b=runs/b  # the same over HTTP (127.0.0.1:8600)
+  posttrain adapters ask --base models/base --adapter a=runs/a --adapter b=runs/b "add 2 and 3"
+  posttrain compare peft                 # PEFT methods: trainable share, memory, time, size, accuracy
 """
 
 
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="alignment or compression methods side by side: a table and a PNG over `dvc exp show`",
+        help="alignment, compression or PEFT methods side by side: a table and a PNG over `dvc exp show`",
         description="One row per distinct result among the workspace, the last commit and its DVC "
         "experiments. `compare align` (the default; e.g. after `dvc exp run -S align.method=grpo`): "
         "the method and reward, the aligned model's greedy and sampled accuracy and mean reward on "
@@ -346,17 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
         "time and peak memory (metrics/align.json and metrics/evaluate.json of the same lineage). "
         "`compare compress` (e.g. after `dvc exp run -S compress.method=bitdelta`): size ratio, "
         "fidelity KL, accuracy delta and generation speed ratio against the merged model, the "
-        "candidate's held-out accuracy, and a PNG of size ratio against accuracy.",
+        "candidate's held-out accuracy, and a PNG of size ratio against accuracy. `compare peft` (e.g. "
+        "after `dvc exp run sft -S sft.peft.method=dora`): trainable parameters (count and share), "
+        "peak memory, train time, adapter size, and the SFT policy's held-out loss, accuracy and "
+        "reward (metrics/sft.json), with a PNG of trainable share against accuracy.",
     )
     compare.add_argument(
         "view",
         nargs="?",
-        choices=("align", "compress"),
+        choices=("align", "compress", "peft"),
         default="align",
         help="which methods (default: align)",
     )
     compare.add_argument(
-        "--png", default=None, help="chart path (default: plots/compare.png, plots/compare_compress.png)"
+        "--png", default=None, help="chart path (default: plots/compare.png, plots/compare_<view>.png)"
     )
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table (for a README)")
     compare.set_defaults(func=cmd_compare)
@@ -437,9 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rag_parser(sub)
 
+    from flows.adapters_cli import add_adapters_parser
     from flows.deltas_cli import add_deltas_parser
 
     add_deltas_parser(sub)
+    add_adapters_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``posttrain compare [align|compress]``: methods side by side, from ``dvc exp show``.
+"""``posttrain compare [align|compress|peft]``: methods side by side, from ``dvc exp show``.
 
 Each ``dvc exp run -S align.method=<m>`` is an experiment whose ``metrics/align.json`` and
 ``metrics/evaluate.json`` belong to the same lineage, so this reads them from DVC rather than
@@ -12,6 +12,11 @@ The ``compress`` view does the same for ``dvc exp run -S compress.method=<m>``: 
 fidelity KL, accuracy delta and generation speed ratio against the merged model
 (``metrics/compress.json``), the candidate's held-out accuracy (``metrics/evaluate.json``), and
 a PNG of size ratio against accuracy.
+
+The ``peft`` view, for ``dvc exp run sft -S sft.peft.method=<m>``: trainable parameters (count
+and % of the model), peak memory, train time, adapter size on disk, and the SFT policy's
+held-out loss, greedy accuracy and mean verifier reward (``metrics/sft.json``), with a PNG of
+trainable share against accuracy.
 """
 
 from __future__ import annotations
@@ -52,10 +57,24 @@ COMPRESS_COLUMNS: dict[str, tuple[str, str]] = {
     "aligned_greedy": ("evaluate", "aligned.accuracy"),
     "delta_vs_fp16": ("compress", "delta_compression_vs_fp16"),
 }
+PEFT_COLUMNS: dict[str, tuple[str, str]] = {
+    "method": ("params", "sft.peft.method"),
+    "trainable": ("sft", "trainable_params"),
+    "trainable_%": ("sft", "trainable_share"),
+    "peak_mb": ("sft", "peak_memory_bytes"),
+    "seconds": ("sft", "train_seconds"),
+    "adapter_kb": ("sft", "adapter_bytes"),
+    "eval_loss": ("sft", "eval_loss"),
+    "accuracy": ("sft", "eval_accuracy"),
+    "reward": ("sft", "eval_reward"),
+}
+# Display units for the peft view (the metrics keep bytes and shares).
+PEFT_SCALE = {"trainable_%": 100.0, "peak_mb": 1 / 2**20, "adapter_kb": 1 / 2**10}
 # view -> (columns, the metrics file a result must have to be a row)
 VIEWS: dict[str, tuple[dict[str, tuple[str, str]], str]] = {
     "align": (COLUMNS, "align"),
     "compress": (COMPRESS_COLUMNS, "compress"),
+    "peft": (PEFT_COLUMNS, "sft"),
 }
 
 
@@ -95,6 +114,8 @@ def rows_from_exp_show(show: Sequence[dict[str, Any]], view: str = "align") -> l
         sources = {"params": params, **metrics}
         row = {"experiment": label}
         row |= {col: _get(sources.get(src, {}), key) for col, (src, key) in columns.items()}
+        if view == "peft":
+            row |= {c: row[c] * k for c, k in PEFT_SCALE.items() if isinstance(row.get(c), (int, float))}
         fingerprint = json.dumps({k: v for k, v in row.items() if k != "experiment"}, sort_keys=True)
         if fingerprint in seen:
             continue
@@ -124,6 +145,21 @@ def render(rows: Sequence[dict[str, Any]], markdown: bool = False, view: str = "
 def chart(rows: Sequence[dict[str, Any]], path: Path | str, view: str = "align") -> Path:
     from components.charts import bar_chart, scatter_chart
 
+    if view == "peft":
+        points = {
+            f"{r.get('method') or '?'} ({r['experiment']})": (
+                float(r.get("trainable_%") or 0.0),
+                float(r.get("accuracy") or 0.0),
+            )
+            for r in rows
+        }
+        return scatter_chart(
+            path,
+            points,
+            xlabel="trainable parameters (% of the model)",
+            ylabel="SFT held-out greedy accuracy",
+            title="PEFT methods: what trains against what it gives",
+        )
     if view == "compress":
         points = {
             f"{r['experiment']} {r.get('method') or '?'}": (

@@ -117,15 +117,15 @@ def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return wrapper
 
 
-def parse_delta_specs(specs: Sequence[str]) -> dict[str, Path]:
+def parse_delta_specs(specs: Sequence[str], option: str = "--delta") -> dict[str, Path]:
     """``["a=runs/a", ...]`` -> ``{"a": Path("runs/a")}``; a malformed or repeated one is an error."""
     deltas: dict[str, Path] = {}
     for spec in specs:
         name, sep, directory = spec.partition("=")
         if not sep or not name or not directory:
-            raise PosttrainError(f"--delta {spec!r}: expected NAME=DIR, e.g. --delta chat=models/compressed")
+            raise PosttrainError(f"{option} {spec!r}: expected NAME=DIR, e.g. {option} chat=models/sft")
         if name in deltas:
-            raise PosttrainError(f"--delta {name}: given twice ({deltas[name]} and {directory})")
+            raise PosttrainError(f"{option} {name}: given twice ({deltas[name]} and {directory})")
         deltas[name] = Path(directory)
     return deltas
 

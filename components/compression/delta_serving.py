@@ -73,7 +73,11 @@ class DeltaServingError(PosttrainError, ValueError):
     """
 
 
-class UnknownDeltaError(DeltaServingError):
+class UnknownNameError(DeltaServingError):
+    """A request names a model (delta, adapter) the server does not hold: HTTP 404."""
+
+
+class UnknownDeltaError(UnknownNameError):
     """A request names a delta the server does not hold; the message lists the ones it does."""
 
 
@@ -593,6 +597,10 @@ class DeltaServer:
         """The answer of delta ``delta`` (``None``/``"base"``: the base) to one prompt."""
         return self.generate([prompt], delta, **options)[0]
 
+    def answer(self, prompt: Any, delta: str | None = None, **options: Any) -> tuple[str, str]:
+        """(the delta that answered, its answer): the HTTP server's call, shared with adapter servers."""
+        return delta or BASE, self.ask(prompt, delta, **options)
+
     def ask_many(self, requests: Sequence[tuple[str | None, Any]], **options: Any) -> list[str]:
         """Answers to ``[(delta, prompt), ...]``, in the order given, served one delta at a time.
 
@@ -732,21 +740,26 @@ class _DeltaRequestHandler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/health":
             return self._send(404, {"error": f"no route GET {self.path} (GET /health, POST /generate)"})
         backend = self.server.backend
-        return self._send(200, {"deltas": backend.names, "memory": backend.memory_report()})
+        return self._send(200, {f"{self._key}s": backend.names, "memory": backend.memory_report()})
+
+    @property
+    def _key(self) -> str:
+        """The request's name field: "delta" here, the backend's own elsewhere ("adapter")."""
+        return getattr(self.server.backend, "request_key", "delta")
 
     def do_POST(self) -> None:
         if self.path.split("?")[0] != "/generate":
             return self._send(404, {"error": f"no route POST {self.path} (GET /health, POST /generate)"})
         try:
             delta, prompt, max_new_tokens = self._parse_generate()
-            output = self.server.backend.ask(prompt, delta, max_new_tokens=max_new_tokens)
+            used, output = self.server.backend.answer(prompt, delta, max_new_tokens=max_new_tokens)
         except _BadRequest as exc:
             return self._send(exc.status, {"error": str(exc)})
-        except UnknownDeltaError as exc:
+        except UnknownNameError as exc:
             return self._send(404, {"error": str(exc)})
         except Exception as exc:  # a failed generation answers 500 and the server keeps serving
             return self._send(500, {"error": f"generation failed: {type(exc).__name__}: {exc}"})
-        return self._send(200, {"delta": delta or BASE, "output": output})
+        return self._send(200, {self._key: used, "output": output})
 
     def _parse_generate(self) -> tuple[str | None, str, int]:
         """(delta, prompt, max_new_tokens) of a ``/generate`` body, or a 4xx ``_BadRequest``."""

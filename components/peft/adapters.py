@@ -199,7 +199,8 @@ def load_trainable(
     quantize = cfg.method == "qlora"
     if reward_head or quantize:
         merged = load_policy(source) if (reward_head or is_adapter(source)) else None
-        with tempfile.TemporaryDirectory(dir=str(scratch) if scratch else None) as tmp:
+        where = str(scratch) if scratch and Path(scratch).is_dir() else None
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
             plain = source
             if merged is not None:
                 merged.save_pretrained(tmp, safe_serialization=True)

@@ -228,6 +228,14 @@ def prepare(
     return TrainablePolicy(model, None, cfg.method, key)
 
 
+def optimizer_args(cfg: PeftConfig, device: str) -> dict[str, Any]:
+    """QLoRA's paged AdamW (optimizer state paged to CPU under memory pressure) where CUDA is;
+    elsewhere the trainer's default AdamW (paging needs CUDA unified memory)."""
+    if cfg.method == "qlora" and torch.device(device).type == "cuda":
+        return {"optim": "paged_adamw_32bit"}
+    return {}
+
+
 def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 

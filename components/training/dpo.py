@@ -25,6 +25,7 @@ from components.errors import DataError
 from components.evaluation.generate import generate
 from components.params import AlignConfig, ComputeConfig, DPOConfig
 from components.peft.adapters import load_trainable
+from components.peft.methods import optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -107,6 +108,7 @@ def train_dpo(
             compute=compute,
             resumable=True,
         )
+        common |= optimizer_args(cfg.peft, device)
         args = TRLDPOConfig(
             **common,
             beta=dpo.beta,

@@ -29,7 +29,7 @@ from components.peft.adapters import (
     load_trainable,
     save_policy,
 )
-from components.peft.methods import TrainablePolicy
+from components.peft.methods import TrainablePolicy, optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -131,7 +131,7 @@ def train_reward_model(
     )  # fmt: skip
     model = policy.model
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(**common, max_length=cfg.max_length)
+    args = RewardConfig(**common, **optimizer_args(cfg.peft, device), max_length=cfg.max_length)
     callback = TrackerCallback(tracker, prefix="reward_model/")
     trainer = RewardTrainer(
         model=model,

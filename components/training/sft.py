@@ -28,7 +28,7 @@ from components.errors import PosttrainError
 from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, SFTConfig
 from components.peft.adapters import load_trainable, new_token_ids, save_policy
-from components.peft.methods import TrainablePolicy
+from components.peft.methods import TrainablePolicy, optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -155,6 +155,7 @@ def train_sft(
     )
     if cfg.peft.method == "prefix":  # PEFT cannot recompute activations through prefix tuning
         common["gradient_checkpointing"] = False
+    common |= optimizer_args(cfg.peft, device)
     args = TRLSFTConfig(
         **common,
         # already truncated above; TRL refuses max_length with padding-free batches and no packing

@@ -68,7 +68,7 @@ def test_one_sft_step_on_cuda_moves_the_adapter(
     out = tmp_path / "sft"
     out.mkdir()
     tracker = RecordingTracker()
-    history = sft_module.train_sft(
+    history, _ = sft_module.train_sft(
         cfg, tiny_project / "models/base", train, [], out, tracker, tmp_path / "work", ComputeConfig()
     )
 

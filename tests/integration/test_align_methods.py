@@ -106,6 +106,29 @@ def test_ppo_trains_an_adapter_with_its_statistics(project: Path) -> None:
     assert (project / "plots/align_kl.csv").read_text().startswith("step,kl\n")
 
 
+@pytest.mark.parametrize(("method", "peft_method"), [("grpo", "qlora"), ("dpo", "qlora"), ("ppo", "dora")])
+def test_align_trains_qlora_and_dora_adapters_over_sft(
+    project: Path, method: str, peft_method: str, trainer_runs: list[TrainingRun]
+) -> None:
+    """align.peft.method qlora (a 4-bit copy of SFT under the adapter) and dora; saved over fp32 SFT."""
+    short = SHORT.get(method, {})
+    set_align(
+        project,
+        method=method,
+        reward="verifier",
+        peft={"method": peft_method},
+        **({method: short} if short else {}),
+    )
+    metrics, _ = run_stage("align")
+    assert metrics["peft_method"] == peft_method and REPORT_KEYS <= set(metrics)
+    for run in trainer_runs:  # TRL's trainers (our PPO has its own loop): only the adapter moved
+        assert run.trainable and all(".lora_" in n or ".modules_to_save." in n for n in run.trainable)
+        moved = [n for n in run.trainable if not torch.equal(run.before[n], run.after[n])]
+        assert any(".lora_B." in n for n in moved)
+    check_adapter_over_sft(project)  # merged/loaded over the full-precision SFT policy
+    set_align(project, peft={"method": "lora"})
+
+
 @pytest.mark.parametrize("reward", ["rm", "both"])
 def test_reward_model_rewards_score_with_the_trained_rm(project: Path, reward: str) -> None:
     from components.training.rewards import RewardFunction

@@ -142,7 +142,7 @@ def test_sft_trains_the_rows_of_tokens_base_added(tiny_project: Path, tmp_path: 
     """A checkpoint without a chat template gains role tokens, and LoRA with no modules_to_save
     still trains their rows: untied, exactly those rows (PEFT trainable tokens; the adapter holds
     no full embedding); tied, the whole embedding, kept tied (TRL's fused LM head cannot read a
-    trainable-tokens output layer: see components.peft.adapters.lora_config)."""
+    trainable-tokens output layer: see components.peft.methods.library_config)."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -43,7 +43,7 @@ def _train(project: Path, padding_free: bool, spied: dict[str, Any]) -> tuple[li
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "training_step", training_step)
         work = project / f"work-{padding_free}"  # one checkpoint dir per run: no resuming the other
-        history = train_sft(cfg, Path(params.paths.base_model), records, [], out, RecordingTracker(), work)
+        history, _ = train_sft(cfg, Path(params.paths.base_model), records, [], out, RecordingTracker(), work)
     return history, load_file(str(out / "adapter_model.safetensors"))
 
 

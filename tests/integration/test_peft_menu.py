@@ -211,3 +211,118 @@ def test_an_adapter_over_another_base_fails_loudly(project: Path, tmp_path: Path
     with pytest.raises(AdapterBaseMismatch, match=r"trained over base weights .* but .*other holds"):
         load_policy(out, base=tmp_path / "other")
     load_policy(out, base=BASE)  # its own base still loads
+
+
+# ------------------------------------------------------------------ many adapters on one base
+
+
+@pytest.fixture(scope="module")
+def two_task_adapters(project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA adapters trained on different task subsets: "add" prompts and "reverse" prompts."""
+    from components.data.jsonl import read_jsonl
+    from components.tracking import RecordingTracker
+    from components.training.sft import train_sft
+
+    root = tmp_path_factory.mktemp("adapters")
+    records = read_jsonl("data/processed/sft_train.jsonl")
+    out = {}
+    for task in ("add", "reverse"):
+        subset = [r for r in records if r["messages"][0]["content"].startswith(task)][:32]
+        out[task] = root / task
+        out[task].mkdir()
+        train_sft(sft_config("lora"), BASE, subset, [], out[task], RecordingTracker(), root / f"{task}-work")
+    return out
+
+
+def _task_prompts(task: str, n: int) -> list[str]:
+    from components.data.jsonl import read_jsonl
+
+    return [r["prompt"] for r in read_jsonl("data/processed/eval_prompts.jsonl") if r["task"] == task][:n]
+
+
+def _held_out_prompts(task: str) -> list[str]:
+    """Held-out prompts of ``task``: the eval prompts and the SFT-eval conversations' user turns."""
+    from components.data.jsonl import read_jsonl
+
+    chats = [r["messages"][0]["content"] for r in read_jsonl("data/processed/sft_eval.jsonl")]
+    return _task_prompts(task, 1000) + [p for p in chats if p.startswith(task)]
+
+
+def test_a_mixed_batch_gives_each_row_its_own_adapters_output(two_task_adapters: dict[str, Path]) -> None:
+    from components.evaluation.generate import chat_prompt_ids, left_pad
+    from components.peft.serving import AdapterServer
+
+    server = AdapterServer(BASE, two_task_adapters)
+    assert server.mixed  # LoRA adapters: one forward pass for the whole batch
+    prompts = _task_prompts("add", 2) + _task_prompts("reverse", 2)
+    names = ["add", "reverse", "reverse", None]  # rows deliberately crossed, and one bare base row
+    ids, mask = left_pad(chat_prompt_ids(server.tokenizer, prompts), server.tokenizer.pad_token_id)
+    with torch.no_grad():
+        mixed = server.model(
+            input_ids=ids, attention_mask=mask, adapter_names=[n or "__base__" for n in names]
+        )
+        for name in ("add", "reverse", None):
+            if name is None:
+                with server.model.disable_adapter():
+                    alone = server.model(input_ids=ids, attention_mask=mask).logits
+            else:
+                server.model.set_adapter(name)
+                alone = server.model(input_ids=ids, attention_mask=mask).logits
+            for row in (i for i, n in enumerate(names) if n == name):
+                torch.testing.assert_close(mixed.logits[row], alone[row], atol=1e-5, rtol=1e-5)
+    # and the adapters differ, so the test above can tell them apart
+    assert not torch.allclose(mixed.logits[1], mixed.logits[3], atol=1e-3)
+
+    answers = server.ask_many(list(zip(names, prompts, strict=True)), max_new_tokens=6)
+    assert [used for used, _ in answers] == ["add", "reverse", "reverse", "base"]
+    for name in ("add", "reverse", None):
+        alone = server.ask_many([(name, p) for p in prompts], max_new_tokens=6)
+        for row in (i for i, n in enumerate(names) if n == name):
+            assert answers[row][1] == alone[row][1]
+
+
+def test_routing_sends_each_request_to_its_task_adapter(two_task_adapters: dict[str, Path]) -> None:
+    from components.peft.serving import AdapterServer, UnknownAdapterError
+
+    server = AdapterServer(BASE, two_task_adapters)
+    from components.data.jsonl import read_jsonl
+
+    train = [r["messages"][0]["content"] for r in read_jsonl("data/processed/sft_train.jsonl")]
+    server.fit_router({task: [p for p in train if p.startswith(task)][:8] for task in two_task_adapters})
+    held_out = [(p, task) for task in two_task_adapters for p in _held_out_prompts(task)]
+    assert len(held_out) >= 6
+    assert server.router_accuracy(held_out) >= 0.9  # always-one-adapter would score 0.5
+    used = [
+        u for u, _ in server.ask_many([(None, "add 3 and 4"), ("reverse", "add 3 and 4")], max_new_tokens=2)
+    ]
+    assert used == ["add", "reverse"]  # routed when unnamed; a named adapter is obeyed
+    with pytest.raises(UnknownAdapterError, match=r"unknown adapter 'mul' \(known: base, add, reverse\)"):
+        server.ask("add 3 and 4", "mul")
+
+
+def test_prompt_tuned_tasks_share_one_batch(project: Path, tmp_path: Path) -> None:
+    """Mixed-task batching: rows of different prompt-tuned tasks in one pass, each as its adapter alone."""
+    from components.data.jsonl import read_jsonl
+    from components.peft.serving import AdapterServer
+    from components.tracking import RecordingTracker
+    from components.training.sft import train_sft
+
+    records = read_jsonl("data/processed/sft_train.jsonl")
+    dirs = {}
+    for task in ("add", "reverse"):
+        subset = [r for r in records if r["messages"][0]["content"].startswith(task)][:32]
+        dirs[task] = tmp_path / task
+        dirs[task].mkdir()
+        train_sft(
+            sft_config("prompt"), BASE, subset, [], dirs[task], RecordingTracker(), tmp_path / f"{task}-w"
+        )
+    server = AdapterServer(BASE, dirs)
+    assert server.prompt_tuned and server.mixed
+    prompts = _task_prompts("add", 2) + _task_prompts("reverse", 2)
+    names = ["add", "reverse", "add", None]
+    mixed = server.ask_many(list(zip(names, prompts, strict=True)), max_new_tokens=6)
+    server.prompt_tuned = server.mixed = False  # PEFT's own generate, one adapter group at a time
+    for name in ("add", "reverse", None):
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone = server.ask_many([(name, prompts[i]) for i in rows], max_new_tokens=6)
+        assert [mixed[i] for i in rows] == alone, name

@@ -120,3 +120,43 @@ def test_compare_compress_view_rows_and_its_size_against_accuracy_chart(tmp_path
     png = chart(rows, tmp_path / "c.png", "compress")
     with Image.open(png) as image:
         assert image.size[0] > 100 and len(set(image.convert("L").getdata())) > 2  # drawn, not blank
+
+
+def _peft_exp(name: str, method: str, trainable: int, total: int, accuracy: float) -> dict:
+    sft = {
+        "peft_method": method,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "peak_memory_bytes": 3 * 2**20,
+        "adapter_bytes": 2048,
+        "train_seconds": 12.5,
+        "eval_accuracy": accuracy,
+    }
+    return {
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"sft": {"peft": {"method": method}}}}},
+            "metrics": {"metrics/sft.json": {"data": sft}},
+        },
+    }
+
+
+def test_compare_peft_view_shows_each_method_in_readable_units(tmp_path) -> None:
+    from flows.compare import chart
+
+    show = [
+        {
+            **_peft_exp("main", "lora", 250, 1000, 0.5),
+            "experiments": [{"revs": [_peft_exp("exp-bitfit", "bitfit", 10, 1000, 0.25)]}],
+        },
+        _exp("old", "grpo", 0.8, 0.1),  # no metrics/sft.json: skipped
+    ]
+    rows = rows_from_exp_show(show, "peft")
+    assert [(r["method"], r["trainable_%"], r["peak_mb"], r["adapter_kb"], r["accuracy"]) for r in rows] == [
+        ("lora", 25.0, 3.0, 2.0, 0.5),
+        ("bitfit", 1.0, 3.0, 2.0, 0.25),
+    ]
+    table = render(rows, markdown=True, view="peft").splitlines()
+    assert table[0].startswith("| experiment | method | trainable | trainable_% | peak_mb |")
+    assert chart(rows, tmp_path / "p.png", "peft").stat().st_size > 1000
