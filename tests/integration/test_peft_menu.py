@@ -326,3 +326,32 @@ def test_prompt_tuned_tasks_share_one_batch(project: Path, tmp_path: Path) -> No
         rows = [i for i, n in enumerate(names) if n == name]
         alone = server.ask_many([(name, prompts[i]) for i in rows], max_new_tokens=6)
         assert [mixed[i] for i in rows] == alone, name
+
+
+def test_adapters_cli_answers_with_the_named_or_routed_adapter(
+    two_task_adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from flows.cli import main
+
+    examples = {}
+    for task in two_task_adapters:
+        examples[task] = tmp_path / f"{task}.jsonl"
+        examples[task].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _task_prompts(task, 4)))
+    common = ["--base", str(BASE)] + [f"--adapter={t}={d}" for t, d in two_task_adapters.items()]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapters", "ask", *common, "--use", "add", "--use", "base", "--json", "add 2 and 3"])
+    assert exit_info.value.code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["adapter"] for line in lines] == ["add", "base"]
+    routing = [f"--examples={t}={f}" for t, f in examples.items()]
+    with pytest.raises(SystemExit):
+        main(["adapters", "ask", *common, *routing, "--json", "reverse abcd"])
+    assert json.loads(capsys.readouterr().out)["adapter"] == "reverse"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "add 1 and 2"}\n{"text": 3}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapters", "ask", *common, f"--examples=add={bad}", "hi"])
+    assert exit_info.value.code == 2
+    assert f"{bad}:2: expected a 'prompt' string" in capsys.readouterr().err
