@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import PosttrainError
-from flows.deltas_cli import _port, _positive_int, format_bytes, parse_delta_specs
+from flows.deltas_cli import _port, _positive_int, format_bytes, parse_delta_specs, serve_forever
 
 PROG = "posttrain adapters"
 
@@ -104,21 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_loopback(args.host)
     server = _load(args)
     httpd = build_http_server(server, args.host, args.port, default_max_new_tokens=args.max_new_tokens)
-    host, port = httpd.server_address[:2]
     report = server.memory_report()
-    print(
-        f"serving {', '.join(server.names)} (and base) over {server.base_path} at http://{host}:{port}: "
-        f"{format_bytes(report['total_bytes'])} held vs {format_bytes(report['as_full_models_bytes'])} "
-        "as full models; POST /generate, GET /health; Ctrl-C stops",
-        flush=True,
+    held = (
+        f"{format_bytes(report['total_bytes'])} held vs "
+        f"{format_bytes(report['as_full_models_bytes'])} as full models"
     )
-    try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-    finally:
-        httpd.server_close()
-    return 0
+    return serve_forever(httpd, f"{', '.join(server.names)} (and base) over {server.base_path}", held)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -270,12 +270,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     httpd = build_http_server(
         server, args.host, args.port, default_max_new_tokens=args.max_new_tokens, log=not args.quiet
     )
-    host, port = httpd.server_address[:2]
     report = server.memory_report()
+    held = (
+        f"{format_bytes(report['total_bytes'])} held, "
+        f"{format_bytes(report['materialized_bytes'])} as full models"
+    )
+    return serve_forever(httpd, f"{', '.join(server.names)} (and base) from {server.base_path}", held)
+
+
+def serve_forever(httpd: Any, what: str, held: str) -> int:
+    """Print where ``httpd`` listens and serve until Ctrl-C (``posttrain deltas|adapters serve``)."""
+    host, port = httpd.server_address[:2]
     print(
-        f"serving {', '.join(server.names)} (and base) from {server.base_path} at http://{host}:{port}: "
-        f"{format_bytes(report['total_bytes'])} held, {format_bytes(report['materialized_bytes'])} as "
-        "full models; POST /generate, GET /health; Ctrl-C stops",
+        f"serving {what} at http://{host}:{port}: {held}; POST /generate, GET /health; Ctrl-C stops",
         flush=True,
     )
     try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from components.config import to_dict
 from components.errors import PosttrainError
 
 CUSTOM_METHODS = ("bitfit", "adapter", "tinytl")
@@ -153,19 +153,11 @@ def save_custom(
     save_file(tensors, str(out_dir / CUSTOM_WEIGHTS))
     config = {
         "method": method,
-        "settings": _plain(asdict(settings)),
+        "settings": to_dict(settings),
         "base_model_name_or_path": str(base),
         "tensors": sorted(tensors),
     }
     (out_dir / CUSTOM_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def read_custom_config(path: Path | str) -> dict[str, Any]:
