@@ -89,7 +89,8 @@ def _get(data: dict[str, Any], dotted: str) -> Any:
 def _entries(show: Sequence[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(label, data) for the workspace, each commit shown and each of its experiments."""
     for entry in show:
-        label = entry.get("name") or entry.get("rev", "")[:7]
+        rev = entry.get("rev", "")
+        label = entry.get("name") or (rev if rev == "workspace" else rev[:7])
         if entry.get("data"):
             yield label, entry["data"]
         for exp in entry.get("experiments") or []:
