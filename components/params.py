@@ -527,12 +527,13 @@ class AlignConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        # The KL reference and the held-out report's start are SFT = the adapter disabled.
-        if self.peft.method not in ("lora", "dora", "qlora"):
+        # The KL reference and the held-out report's start are SFT: the adapter disabled, or (full)
+        # a frozen copy of it; our PPO's reference is always the disabled adapter.
+        allowed = ("lora", "dora", "qlora") if self.method == "ppo" else ("full", "lora", "dora", "qlora")
+        if self.peft.method not in allowed:
             yield (
                 "peft.method",
-                f"align trains lora | dora | qlora (the reference policy is SFT = the adapter disabled), "
-                f"got {self.peft.method!r}",
+                f"align.method {self.method} trains {' | '.join(allowed)}, got {self.peft.method!r}",
             )
 
 

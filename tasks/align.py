@@ -28,7 +28,7 @@ from components.errors import DataError
 from components.evaluation.generate import chat_prompt_ids
 from components.models.loading import load_tokenizer, require_dir
 from components.params import Params
-from components.peft.adapters import load_trainable, save_policy
+from components.peft.adapters import load_policy, load_trainable, save_policy
 from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import final_values, write_history_plots
@@ -143,7 +143,9 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         cost = peft_report(TrainablePolicy(model, None, cfg.peft.method, "align.peft"), tmp, seconds)
         cost["peak_memory_mb"] = cost["peak_memory_bytes"] / 2**20
         metrics["peft_method"] = cost.pop("peft_method")
-        metrics |= held_out_report(model, tokenizer, held_out, reward, seed=cfg.seed)
+        # a full fine-tune has no adapter to disable: the report's start is the SFT policy itself
+        reference = load_policy(policy).to(model.device) if cfg.peft.method == "full" else None
+        metrics |= held_out_report(model, tokenizer, held_out, reward, seed=cfg.seed, reference=reference)
         metrics["eval_accuracy"] = metrics["accuracy_end"]  # the key every training stage reports
         last = final_values(history, SUMMARY_KEYS)  # the last logged training values
         metrics |= {RENAMED.get(k, k.replace("/", "_")): v for k, v in last.items()}

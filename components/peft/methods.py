@@ -208,6 +208,10 @@ def prepare(
     seed: int = 0,
 ) -> TrainablePolicy:
     """``model`` set up to train by ``cfg.method``: PEFT's config for the trainer, or ours injected."""
+    if cfg.method == "full":  # a merged adapter chain comes back frozen (PEFT's inference mode)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return TrainablePolicy(model, None, cfg.method, key)
     if cfg.method not in CUSTOM_METHODS:
         peft_config = library_config(
             cfg, model, key, task_type=task_type, new_tokens=new_tokens, tokenizer_path=tokenizer_path

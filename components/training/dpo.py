@@ -24,7 +24,7 @@ from components.distributed import resolve_compute
 from components.errors import DataError
 from components.evaluation.generate import generate
 from components.params import AlignConfig, ComputeConfig, DPOConfig
-from components.peft.adapters import load_trainable
+from components.peft.adapters import load_policy, load_trainable
 from components.peft.methods import optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
@@ -83,6 +83,7 @@ def train_dpo(
     )
     model: Any = policy.model
     peft_config = policy.peft_config
+    reference = load_policy(policy_dir) if cfg.peft.method == "full" else None
     history: list[dict[str, float]] = []
     pairs: Sequence[dict[str, Any]] = train_pairs
     offset = 0
@@ -124,6 +125,9 @@ def train_dpo(
             eval_dataset=Dataset.from_list(trl_columns(eval_pairs)) if eval_pairs else None,
             processing_class=tokenizer,
             peft_config=peft_config if round_no == 1 else None,  # later rounds continue the adapter
+            # a full fine-tune's reference is the SFT policy itself (without it TRL would re-load
+            # config._name_or_path, which for a merged adapter chain is the base model)
+            ref_model=reference,
             callbacks=[callback],
         )
         policy.settle(trainer)

@@ -93,6 +93,12 @@ def train_group_rl(
         trainer_cls = RLOOTrainer
     callback = TrackerCallback(tracker, prefix="align/")
     policy = load_trainable(policy_dir, peft, "align.peft", device=device, seed=seed, scratch=work_dir.parent)
+    if peft.method == "full" and s.beta > 0:
+        # TRL builds a full fine-tune's KL reference by re-loading config._name_or_path, which for a
+        # merged adapter chain names the *base* model: point it at a saved copy of the SFT policy.
+        reference = work_dir / "reference"
+        policy.model.save_pretrained(str(reference), safe_serialization=True)
+        policy.model.config._name_or_path = str(reference)
     trainer = trainer_cls(
         model=policy.model,
         reward_funcs=reward.trl(),

@@ -34,16 +34,20 @@ def _sample(
     temperature: float,
     use_adapter: bool,
     batch_size: int,
+    reference: torch.nn.Module | None = None,
 ) -> tuple[list[str], list[float]]:
-    """Sampled completions, ``n_samples`` per prompt in prompt order, and each one's log-ratio to SFT."""
+    """Sampled completions, ``n_samples`` per prompt in prompt order, and each one's log-ratio to SFT.
+
+    SFT is ``model`` with its adapter disabled, or ``reference`` (a full fine-tune's frozen start)."""
     texts: list[str] = []
     log_ratios: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
         ids, attn = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_token_id)
         ids, attn = ids.to(model.device), attn.to(model.device)
-        with nullcontext() if use_adapter else model.disable_adapter():
+        sampler = model if use_adapter or reference is None else reference
+        with nullcontext() if use_adapter or reference is not None else model.disable_adapter():
             response, mask, _ = sample_responses(
-                model, tokenizer, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature,
+                sampler, tokenizer, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature,
                 num_return_sequences=n_samples,
             )  # fmt: skip
         n_prompt = ids.shape[1]
@@ -53,8 +57,11 @@ def _sample(
             full_mask = torch.cat([attn.repeat_interleave(n_samples, dim=0), mask.long()], dim=1)
             pos = position_ids(full_mask)
             policy = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
-            with model.disable_adapter():
-                ref = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
+            if reference is not None:
+                ref = reference(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
+            else:
+                with model.disable_adapter():
+                    ref = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.float()
             logp, _ = response_logprobs(policy, full, n_prompt, 1.0)
             ref_logp, _ = response_logprobs(ref, full, n_prompt, 1.0)
             log_ratios.extend(((logp - ref_logp) * mask).sum(dim=1).tolist())
@@ -72,19 +79,25 @@ def held_out_report(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """Reward and accuracy of SFT (start) and the aligned policy (end) on ``records``, and KL to SFT."""
+    """Reward and accuracy of SFT (start) and the aligned policy (end) on ``records``, and KL to SFT.
+
+    ``reference``: the SFT policy as its own model, for a full fine-tune (no adapter to disable)."""
     if not records:
         raise ValueError("the held-out report needs at least one prompt")
     model.eval()
+    if reference is not None:
+        reference.eval()
     prompt_ids = chat_prompt_ids(tokenizer, [r["prompt"] for r in records])
     repeated = [r for r in records for _ in range(n_samples)]
     out: dict[str, float] = {"n_report_prompts": float(len(records))}
     for phase, use_adapter in (("start", False), ("end", True)):
         torch.manual_seed(seed)  # the same sampling noise for both ends
         texts, log_ratios = _sample(
-            model, tokenizer, prompt_ids, n_samples, max_new_tokens, temperature, use_adapter, batch_size
-        )
+            model, tokenizer, prompt_ids, n_samples, max_new_tokens, temperature, use_adapter, batch_size,
+            reference,
+        )  # fmt: skip
         scores = reward(repeated, texts)
         out[f"reward_mean_{phase}"] = sum(scores) / len(scores)
         hits = [verify(t, r["answer"]) for t, r in zip(texts, repeated, strict=True)]

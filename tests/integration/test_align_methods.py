@@ -119,14 +119,54 @@ def test_align_trains_qlora_and_dora_adapters_over_sft(
         peft={"method": peft_method},
         **({method: short} if short else {}),
     )
-    metrics, _ = run_stage("align")
+    try:
+        metrics, _ = run_stage("align")
+    finally:
+        set_align(project, peft={"method": "lora"})
     assert metrics["peft_method"] == peft_method and REPORT_KEYS <= set(metrics)
     for run in trainer_runs:  # TRL's trainers (our PPO has its own loop): only the adapter moved
         assert run.trainable and all(".lora_" in n or ".modules_to_save." in n for n in run.trainable)
         moved = [n for n in run.trainable if not torch.equal(run.before[n], run.after[n])]
         assert any(".lora_B." in n for n in moved)
     check_adapter_over_sft(project)  # merged/loaded over the full-precision SFT policy
-    set_align(project, peft={"method": "lora"})
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_align_full_fine_tune_keeps_sft_as_its_reference(
+    project: Path, method: str, trainer_runs: list[TrainingRun]
+) -> None:
+    """align.peft.method full: every weight trains, the output is a full model, and the KL
+    reference / report start is the SFT policy (not the base TRL would re-load by name)."""
+    from components.models.loading import load_causal_lm
+    from components.peft.adapters import load_policy
+
+    short = SHORT.get(method, {})
+    set_align(
+        project,
+        method=method,
+        reward="verifier",
+        peft={"method": "lora"},
+        **({method: short} if short else {}),
+    )
+    with_adapter, _ = run_stage("align")  # its start is SFT = the adapter disabled
+    trainer_runs.clear()
+    set_align(project, peft={"method": "full"})
+    try:
+        metrics, _ = run_stage("align")
+    finally:
+        set_align(project, peft={"method": "lora"})
+    assert metrics["peft_method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
+    (run,) = trainer_runs
+    assert set(run.trainable) == set(run.before)
+    out = project / "models/aligned"
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    aligned, sft = load_causal_lm(out), load_policy(project / "models/sft")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert not torch.allclose(aligned(ids).logits, sft(ids).logits)
+    for key in ("reward_mean_start", "accuracy_start"):  # the same SFT policy, the same sampling seed
+        assert metrics[key] == pytest.approx(with_adapter[key], abs=1e-6), key
+    assert metrics["kl_to_ref"] != 0.0
 
 
 @pytest.mark.parametrize("reward", ["rm", "both"])

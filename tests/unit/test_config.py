@@ -76,12 +76,15 @@ def test_nested_sections_build_nested_dataclasses():
 
 
 def test_align_needs_an_adapter_and_grpo_its_groups():
-    with pytest.raises(ConfigError, match=r"^align\.peft\.method: align trains lora \| dora \| qlora"):
+    with pytest.raises(
+        ConfigError, match=r"^align\.peft\.method: align\.method grpo trains full \| lora \| dora \| qlora"
+    ):
         parse_params({"align": {"peft": {"method": "prompt"}}})
     with pytest.raises(
-        ConfigError, match=r"^align\.peft\.method: align trains lora \| dora \| qlora .*'full'"
+        ConfigError, match=r"^align\.peft\.method: align\.method ppo trains lora \| dora \| qlora, got 'full'"
     ):
         parse_params({"align": {"method": "ppo", "peft": {"method": "full"}}})
+    assert parse_params({"align": {"method": "dpo", "peft": {"method": "full"}}}).align.peft.method == "full"
     with pytest.raises(ConfigError, match=r"^align\.grpo\.num_generations: must be >= 2, got 1"):
         parse_params({"align": {"grpo": {"num_generations": 1}}})
     with pytest.raises(ConfigError, match=r"^align\.grpo\.loss_type: "):
