@@ -245,7 +245,7 @@ def bare_sft_trainer(
     """What a user writes with TRL alone: conversational prompt-completion data, TRL tokenizes.
 
     The same model, data, learning rate, schedule, batch and LoRA as ``cfg`` (a full fine-tune when
-    ``cfg.peft.method`` is ``none``); everything else is TRL's default (gradient checkpointing on,
+    ``cfg.peft.method`` is ``full``); everything else is TRL's default (gradient checkpointing on,
     unless ``gradient_checkpointing`` says otherwise).
     """
     from datasets import Dataset
@@ -276,12 +276,12 @@ def bare_sft_trainer(
         **({} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}),
     )
     peft = None
-    if cfg.peft.method != "none":
+    if cfg.peft.method != "full":
         peft = LoraConfig(
-            r=cfg.peft.r,
-            lora_alpha=cfg.peft.alpha,
-            lora_dropout=cfg.peft.dropout,
-            target_modules=list(cfg.peft.target_modules),
+            r=cfg.peft.lora.r,
+            lora_alpha=cfg.peft.lora.alpha,
+            lora_dropout=cfg.peft.lora.dropout,
+            target_modules=list(cfg.peft.lora.target_modules),
             task_type="CAUSAL_LM",
         )
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
@@ -346,7 +346,7 @@ def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
     t = {name: statistics.median(v) for name, v in times.items()}
     rate = {name: tokens["ours"] * cfg.epochs / t[name] for name in t}
     return [
-        f"### SFT throughput: SmolLM2-135M-Instruct, {len(records)} task examples, LoRA r={cfg.peft.r} "
+        f"### SFT throughput: SmolLM2-135M-Instruct, {len(records)} task examples, LoRA r={cfg.peft.lora.r} "
         f"on all 7 projections, batch {cfg.batch_size}, 1 epoch (the smollm2-135m profile's settings)",
         "",
         "| implementation | seconds (median, whole call: load, train, save) | tokens/s | ratio to bare TRL |",
