@@ -200,12 +200,7 @@ LINEAR_MODULES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-PEFT_METHODS: tuple[str, ...] = (
-    "full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "adapter", "tinytl"
-)  # fmt: skip
-LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")
-# Which sub-block of ``peft`` holds each method's knobs (lora, dora and qlora share ``lora``).
-PEFT_GROUP: dict[str, str] = {m: ("lora" if m in LORA_FAMILY else m) for m in PEFT_METHODS if m != "full"}
+LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")  # the methods that share ``peft.lora``
 
 
 @dataclass(frozen=True)
@@ -335,16 +330,6 @@ class PeftConfig:
     # For the loader: a knob written directly under ``peft`` gets told which sub-block it belongs to.
     MISPLACED_KEYS = _knob_homes()
 
-    @property
-    def mergeable(self) -> bool:
-        """Whether the trained update folds into plain full-precision weights."""
-        return self.method in ("full", "lora", "dora", "qlora", "ia3", "bitfit")
-
-    @property
-    def is_adapter(self) -> bool:
-        """Whether the stage saves a small adapter over its base rather than full weights."""
-        return self.method != "full"
-
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -397,7 +382,7 @@ class RewardModelConfig:
     peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="full"))
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        if self.peft.method not in ("full", "lora", "dora", "qlora"):
+        if self.peft.method not in ("full", *LORA_FAMILY):
             yield (
                 "peft.method",
                 f"the reward model trains full | lora | dora | qlora, got {self.peft.method!r}",
@@ -529,7 +514,7 @@ class AlignConfig:
     def cross_check(self) -> Iterator[tuple[str, str]]:
         # The KL reference and the held-out report's start are SFT: the adapter disabled, or (full)
         # a frozen copy of it; our PPO's reference is always the disabled adapter.
-        allowed = ("lora", "dora", "qlora") if self.method == "ppo" else ("full", "lora", "dora", "qlora")
+        allowed = LORA_FAMILY if self.method == "ppo" else ("full", *LORA_FAMILY)
         if self.peft.method not in allowed:
             yield (
                 "peft.method",

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
-from functools import wraps
-from pathlib import Path
 from typing import Any
 
 from components.errors import PosttrainError
-from flows.deltas_cli import _port, _positive_int, format_bytes, parse_delta_specs, serve_forever
+from flows.deltas_cli import (
+    _port,
+    _positive_int,
+    format_bytes,
+    parse_delta_specs,
+    serve_forever,
+    user_error_handler,
+)
 
 PROG = "posttrain adapters"
 
@@ -45,39 +48,22 @@ examples:
   curl -s localhost:8610/generate -d '{"adapter": "add", "prompt": "add 2 and 3"}'"""
 
 
-def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except PosttrainError as exc:
-            print(f"{PROG} {args.adapters_command}: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
-
-    return wrapper
+_handler = user_error_handler(PROG, "adapters_command")
 
 
 def _load(args: argparse.Namespace) -> Any:
-    adapters = {name: Path(d) for name, d in parse_delta_specs(args.adapter, option="--adapter").items()}
-    examples = dict(_read_examples(spec) for spec in args.examples or [])
+    adapters = parse_delta_specs(args.adapter, option="--adapter")
     from transformers.utils import logging as hf_logging
 
-    from components.peft.serving import AdapterServer
+    from components.peft.serving import AdapterServer, read_routing_examples
+
+    examples = dict(read_routing_examples(spec) for spec in args.examples or [])
 
     hf_logging.disable_progress_bar()
     server = AdapterServer(args.base, adapters)
     if examples:
         server.fit_router(examples)
     return server
-
-
-def _read_examples(spec: str) -> tuple[str, list[str]]:
-    from components.peft.serving import read_routing_examples
-
-    return read_routing_examples(spec)
 
 
 @_handler

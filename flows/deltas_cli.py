@@ -100,21 +100,31 @@ examples:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """User errors become one line on stderr and exit code 2, never a traceback."""
+Handler = Callable[[argparse.Namespace], int]
 
-    @wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except PosttrainError as exc:
-            print(f"{PROG} {args.deltas_command}: error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
 
-    return wrapper
+def user_error_handler(prog: str, command_attr: str) -> Callable[[Handler], Handler]:
+    """A decorator for ``prog``'s subcommand handlers (the subcommand in ``args.<command_attr>``):
+    user errors become one line on stderr and exit code 2, never a traceback."""
+
+    def decorate(fn: Handler) -> Handler:
+        @wraps(fn)
+        def wrapper(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except PosttrainError as exc:
+                print(f"{prog} {getattr(args, command_attr)}: error: {exc}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return wrapper
+
+    return decorate
+
+
+_handler = user_error_handler(PROG, "deltas_command")
 
 
 def parse_delta_specs(specs: Sequence[str], option: str = "--delta") -> dict[str, Path]:

@@ -117,7 +117,9 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             if cfg.method == "ppo":
                 device, _ = resolve_compute(params.compute)  # PPO trains in fp32 on that device
                 set_seed(cfg.seed)
-                trainable = load_trainable(policy, cfg.peft, "align.peft", device=device, seed=cfg.seed)
+                trainable = load_trainable(
+                    policy, cfg.peft, "align.peft", compute=params.compute, seed=cfg.seed
+                )
                 model, history = train_ppo(
                     trainable.model if cfg.peft.method == "qlora" else trainable.model.to(device),
                     tokenizer,

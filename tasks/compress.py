@@ -29,7 +29,6 @@ from transformers import PreTrainedTokenizerBase
 from components.artifacts import atomic_dir, describe_output, write_text_atomic
 from components.compression.methods import BITDELTA_BASE_FILE, load_compressed
 from components.compression.quantize import (
-    dir_size,
     mean_token_kl,
     quantize_int4_weight,
     quantize_int8_dynamic,
@@ -41,7 +40,7 @@ from components.config import to_dict
 from components.data.jsonl import read_jsonl
 from components.data.verifier import verify
 from components.evaluation.generate import generate
-from components.models.loading import load_tokenizer, param_count, require_dir, save_model
+from components.models.loading import dir_size, load_tokenizer, param_count, require_dir, save_model
 from components.params import BitDeltaConfig, DistillConfig, Params, PruneConfig
 from components.peft.adapters import load_policy
 from components.tracking import Tracker

@@ -35,6 +35,7 @@ by block_n``); (4) LoRA gradients through a repacked layer are silently zero (IN
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
@@ -48,7 +49,7 @@ from components.errors import PosttrainError
 
 BNB_METHODS = ("nf4", "llm_int8")
 LLM_INT8_THRESHOLD = 6.0
-SKIP_MODULES = ["lm_head"]
+SKIP_MODULES = ("lm_head",)
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"  # 4-bit: "<layer>.weight.quant_state.bitsandbytes__nf4"
 NESTED_OFFSET_BYTES = 4  # double quant's one fp32 offset per tensor, kept in the quant_state JSON
 
@@ -70,34 +71,44 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-def bnb_config(method: str, device: str = "cpu") -> BitsAndBytesConfig:
-    """The ``BitsAndBytesConfig`` for ``compress.method``; its ``to_dict()`` lands in ``config.json``."""
+def bnb_config(
+    method: str,
+    device: str = "cpu",
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    skip_modules: Sequence[str] = SKIP_MODULES,
+) -> BitsAndBytesConfig:
+    """The ``BitsAndBytesConfig`` for ``compress.method``; its ``to_dict()`` lands in ``config.json``.
+
+    ``nf4`` is the 4-bit family (QLoRA's base too: ``quant_type`` nf4 or fp4, ``double_quant``);
+    ``skip_modules`` stay in full precision (the head; a reward model's ``score`` as well)."""
     _check_method(method)
     if method == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=compute_dtype(device),
-            llm_int8_skip_modules=list(SKIP_MODULES),
+            llm_int8_skip_modules=list(skip_modules),
         )
     return BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_threshold=LLM_INT8_THRESHOLD, llm_int8_skip_modules=list(SKIP_MODULES)
     )
 
 
-def require_bnb(method: str, device: str = "cpu") -> ModuleType:
+def require_bnb(method: str, device: str = "cpu", setting: str = "") -> ModuleType:
     """``bitsandbytes``, once a 64-value probe has quantized on ``device``; else one clear line.
 
     transformers' own failures here are an ImportError about a pip install, or a RuntimeError
-    listing devices, raised from deep inside ``from_pretrained``; this says which setting needs it.
+    listing devices, raised from deep inside ``from_pretrained``; this says which setting needs it
+    (``setting``, default ``compress.method: <method>``).
     """
+    setting = setting or f"compress.method: {method}"
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise BnbUnavailableError(
-            f"compress.method: {method} needs bitsandbytes, which cannot be imported: {exc}"
-        ) from exc
+        raise BnbUnavailableError(f"{setting} needs bitsandbytes, which cannot be imported: {exc}") from exc
     probe = torch.linspace(-1.0, 1.0, 64)
     try:
         probe = probe.to(device)
@@ -108,8 +119,7 @@ def require_bnb(method: str, device: str = "cpu") -> ModuleType:
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing: not on this machine
         version = getattr(bnb, "__version__", "?")
         raise BnbUnavailableError(
-            f"compress.method: {method}: bitsandbytes {version} cannot quantize on {device}: "
-            f"{type(exc).__name__}: {exc}"
+            f"{setting}: bitsandbytes {version} cannot quantize on {device}: {type(exc).__name__}: {exc}"
         ) from exc
     return bnb
 

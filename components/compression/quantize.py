@@ -312,11 +312,6 @@ def load_int8(model_dir: Path | str) -> nn.Module:
     return qmodel
 
 
-def dir_size(path: Path | str, pattern: str = "*.safetensors") -> int:
-    """Bytes of the weight files in a model directory."""
-    return sum(p.stat().st_size for p in Path(path).glob(pattern))
-
-
 @torch.no_grad()
 def mean_token_kl(
     p_model: nn.Module | PreTrainedModel, q_model: nn.Module | PreTrainedModel, sequences: list[list[int]]

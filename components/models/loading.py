@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from components.errors import MissingInputError
 
@@ -38,6 +44,13 @@ def load_causal_lm(path: Path | str) -> PreTrainedModel:
     return model
 
 
+def load_sequence_classifier(path: Path | str) -> PreTrainedModel:
+    """The causal LM at ``path`` with a scalar sequence-classification head (new unless saved), in fp32."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch.float32, trust_remote_code=False
+    )
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path | str) -> None:
     """``save_pretrained`` for both, safetensors only."""
     model.save_pretrained(str(out), safe_serialization=True)
@@ -46,3 +59,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
 
 def param_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def dir_size(path: Path | str, pattern: str = "*.safetensors") -> int:
+    """Bytes of the weight files in a model directory (or an adapter's: its size on disk)."""
+    return sum(p.stat().st_size for p in Path(path).glob(pattern))

@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from components.distributed import resolve_compute
 from components.errors import PosttrainError
-from components.models.loading import NEW_TOKENS_FILE, load_causal_lm, require_dir
-from components.params import PeftConfig
+from components.models.loading import NEW_TOKENS_FILE, load_causal_lm, load_sequence_classifier, require_dir
+from components.params import ComputeConfig, PeftConfig
 from components.peft.custom import (
     CUSTOM_CONFIG,
     CUSTOM_METHODS,
@@ -109,13 +111,15 @@ def record_base(out_dir: Path | str, base: Path | str) -> None:
     (Path(out_dir) / BASE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def check_base(adapter_dir: Path | str, base_dir: Path | str) -> None:
-    """Raise :class:`AdapterBaseMismatch` unless ``base_dir`` holds the weights the adapter was trained on."""
+def check_base(adapter_dir: Path | str, base_dir: Path | str, base_hash: str = "") -> None:
+    """Raise :class:`AdapterBaseMismatch` unless ``base_dir`` holds the weights the adapter was trained on.
+
+    ``base_hash``: ``weights_fingerprint(base_dir)`` when the caller already has it."""
     record_path = Path(adapter_dir) / BASE_RECORD
     if not record_path.is_file():
         return  # saved before records were kept
     record = json.loads(record_path.read_text())
-    found = weights_fingerprint(base_dir)
+    found = base_hash or weights_fingerprint(base_dir)
     if found != record["sha256"]:
         raise AdapterBaseMismatch(
             f"{adapter_dir}: trained over base weights {record['sha256'][:12]} ({record['path']}), but "
@@ -178,12 +182,25 @@ def load_policy(path: Path | str, attached_ok: bool = False, base: Path | str | 
     return merged
 
 
+@contextmanager
+def plain_weights(source: Path, scratch: Path | str | None = None) -> Iterator[Path]:
+    """A directory of full-precision weights for ``source``: itself, or (an adapter chain) its merge
+    saved to a temporary directory under ``scratch`` (when that exists) for a re-load."""
+    if not is_adapter(source):
+        yield source
+        return
+    where = str(scratch) if scratch and Path(scratch).is_dir() else None
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        load_policy(source).save_pretrained(tmp, safe_serialization=True)
+        yield Path(tmp)
+
+
 def load_trainable(
     source: Path | str,
     cfg: PeftConfig,
     key: str,
     *,
-    device: str = "cpu",
+    compute: ComputeConfig | None = None,
     reward_head: bool = False,
     new_tokens: Sequence[int] = (),
     seed: int = 0,
@@ -191,29 +208,25 @@ def load_trainable(
 ) -> TrainablePolicy:
     """The model a training stage starts from (``source``: weights or an adapter chain), set up for ``cfg``.
 
+    ``compute`` picks the device as the trainers do (:func:`components.distributed.resolve_compute`).
     ``reward_head``: a sequence-classification model with a fresh scalar head (the reward model).
-    QLoRA re-loads the merged full-precision weights in 4-bit through bitsandbytes (written to a
-    temporary directory under ``scratch`` first when ``source`` is an adapter chain or gets a head).
+    QLoRA re-loads the merged full-precision weights in 4-bit through bitsandbytes.
     """
+    device, _ = resolve_compute(compute or ComputeConfig())
     source = Path(source)
     quantize = cfg.method == "qlora"
+    facts: dict[str, float] = {}
     if reward_head or quantize:
-        merged = load_policy(source) if (reward_head or is_adapter(source)) else None
-        where = str(scratch) if scratch and Path(scratch).is_dir() else None
-        with tempfile.TemporaryDirectory(dir=where) as tmp:
-            plain = source
-            if merged is not None:
-                merged.save_pretrained(tmp, safe_serialization=True)
-                plain = Path(tmp)
-            if quantize:
-                model = load_quantized(plain, cfg, device, reward_head, key)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(plain), num_labels=1, dtype=torch.float32, trust_remote_code=False
-                )
-        facts = {"quantized_weight_bytes_ratio": quantized_ratio(model)} if quantize else {}
+        with plain_weights(source, scratch) as plain:
+            model = (
+                load_quantized(plain, cfg, device, reward_head, key)
+                if quantize
+                else load_sequence_classifier(plain)
+            )
+        if quantize:
+            facts["quantized_weight_bytes_ratio"] = quantized_ratio(model)
     else:
-        model, facts = load_policy(source), {}
+        model = load_policy(source)
     policy = prepare(
         model,
         cfg,
@@ -224,6 +237,7 @@ def load_trainable(
         seed=seed,
     )
     policy.facts |= facts
+    policy.device = device
     if quantize:
         from components.compression.bnb import compute_dtype
 

@@ -109,8 +109,8 @@ def _add_branch(module: nn.Linear, name: str, branch: nn.Module, on_output: bool
         module.register_forward_hook(lambda m, inp, out: out + getattr(m, name)(inp[0]).to(out.dtype))
 
 
-def inject(model: PreTrainedModel, method: str, settings: Any, key: str) -> list[str]:
-    """Add ``method``'s modules to ``model`` in place; the names of the new parameters.
+def inject(model: PreTrainedModel, method: str, settings: Any, key: str) -> None:
+    """Add ``method``'s modules to ``model`` in place (:func:`added_parameters` lists their tensors).
 
     ``settings`` is the method's sub-block of ``peft`` (``BitFitSettings``, ...); ``key`` its
     dotted params key, for errors. Seeded by the caller (the adapters' down projections are random).
@@ -133,7 +133,6 @@ def inject(model: PreTrainedModel, method: str, settings: Any, key: str) -> list
             _add_branch(module, "lite_residual", branch, on_output=False)
     else:
         raise ValueError(f"not one of ours: {method!r}")
-    return [n for n, _ in added_parameters(model)]
 
 
 def added_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -32,7 +32,7 @@ from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, 
 from peft import PeftConfig as LibraryPeftConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from components.params import PeftConfig
+from components.params import LORA_FAMILY, PeftConfig
 from components.peft.custom import (
     CUSTOM_METHODS,
     PeftSetupError,
@@ -40,8 +40,6 @@ from components.peft.custom import (
     inject,
     match_modules,
 )
-
-QLORA_PROBE = "nf4"
 
 
 @dataclass
@@ -54,6 +52,14 @@ class TrainablePolicy:
     key: str  # the params key of the peft block, for messages (``sft.peft``)
     facts: dict[str, float] = field(default_factory=dict)  # measured at load (QLoRA's byte ratio)
     adapter_dtype: torch.dtype | None = None  # QLoRA: the dtype trained tensors must keep (compute dtype)
+    device: str = "cpu"  # where it trains (resolved from params.compute)
+
+    def optimizer_args(self) -> dict[str, Any]:
+        """Trainer arguments for the optimizer: QLoRA's paged AdamW (optimizer state paged to CPU
+        under memory pressure) where CUDA is; elsewhere the default AdamW (paging needs CUDA)."""
+        if self.method == "qlora" and torch.device(self.device).type == "cuda":
+            return {"optim": "paged_adamw_32bit"}
+        return {}
 
     def settle(self, trainer: Any) -> None:
         """Call after building a TRL trainer: undo its QLoRA cast where it does not fit the device.
@@ -71,7 +77,7 @@ class TrainablePolicy:
 
 def _check_names(model: torch.nn.Module, cfg: PeftConfig, key: str) -> None:
     """Unknown target modules / modules_to_save fail here, naming the key (PEFT's error is a traceback)."""
-    if cfg.method in ("lora", "dora", "qlora"):
+    if cfg.method in LORA_FAMILY:
         match_modules(model, cfg.lora.target_modules, f"{key}.lora.target_modules")
     elif cfg.method == "ia3":
         match_modules(model, cfg.ia3.target_modules, f"{key}.ia3.target_modules")
@@ -107,14 +113,14 @@ def library_config(
     modules = list(cfg.modules_to_save)
     rows = None
     if new_tokens and "embed_tokens" not in modules:
-        if tied or cfg.method not in ("lora", "dora", "qlora"):
+        if tied or cfg.method not in LORA_FAMILY:
             modules.append("embed_tokens")
         else:
             rows = {"embed_tokens": list(new_tokens)}
     if task_type == "SEQ_CLS":  # the head is new: always trained (PEFT would add it itself)
         modules = [m for m in modules if m != "lm_head"] + ["score"]
     common: dict[str, Any] = {"task_type": task_type, "modules_to_save": modules or None}
-    if cfg.method in ("lora", "dora", "qlora"):
+    if cfg.method in LORA_FAMILY:
         lora = cfg.lora
         return LoraConfig(
             r=lora.r,
@@ -159,20 +165,18 @@ def library_config(
 
 def qlora_quantization(cfg: PeftConfig, device: str, key: str = "peft") -> Any:
     """bitsandbytes' 4-bit config for QLoRA (fp32 compute on CPU, bf16 on CUDA); one line if it cannot."""
-    from components.compression.bnb import BnbUnavailableError, compute_dtype, require_bnb
+    from components.compression.bnb import SKIP_MODULES, BnbUnavailableError, bnb_config, require_bnb
 
     try:
-        require_bnb(QLORA_PROBE, device)
+        require_bnb("nf4", device, setting=f"{key}.method: qlora: nf4")
     except BnbUnavailableError as exc:
-        raise PeftSetupError(f"{key}.method: qlora: {str(exc).split(': ', 1)[-1]}") from exc
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.qlora.quant_type,
-        bnb_4bit_use_double_quant=cfg.qlora.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(device),
-        llm_int8_skip_modules=["lm_head", "score"],
+        raise PeftSetupError(str(exc)) from exc
+    return bnb_config(
+        "nf4",
+        device,
+        quant_type=cfg.qlora.quant_type,
+        double_quant=cfg.qlora.double_quant,
+        skip_modules=(*SKIP_MODULES, "score"),
     )
 
 
@@ -232,14 +236,6 @@ def prepare(
     return TrainablePolicy(model, None, cfg.method, key)
 
 
-def optimizer_args(cfg: PeftConfig, device: str) -> dict[str, Any]:
-    """QLoRA's paged AdamW (optimizer state paged to CPU under memory pressure) where CUDA is;
-    elsewhere the trainer's default AdamW (paging needs CUDA unified memory)."""
-    if cfg.method == "qlora" and torch.device(device).type == "cuda":
-        return {"optim": "paged_adamw_32bit"}
-    return {}
-
-
 def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -256,8 +252,3 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
-
-
-def files_bytes(directory: Path | str, suffixes: tuple[str, ...] = (".safetensors", ".bin")) -> int:
-    """Bytes of the weight files a stage saved (tokenizer and configs excluded)."""
-    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.suffix in suffixes)

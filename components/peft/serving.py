@@ -33,7 +33,13 @@ from components.compression.delta_serving import UnknownNameError
 from components.errors import PosttrainError
 from components.evaluation.generate import chat_prompt_ids, left_pad
 from components.models.loading import load_tokenizer, require_dir
-from components.peft.adapters import ADAPTER_CONFIG, adapter_method, check_base, load_policy
+from components.peft.adapters import (
+    ADAPTER_CONFIG,
+    adapter_method,
+    check_base,
+    load_policy,
+    weights_fingerprint,
+)
 
 BASE = "base"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -58,18 +64,16 @@ class AdapterServer:
         self.paths = {name: require_dir(path, f"adapter {name!r}") for name, path in adapters.items()}
         if BASE in self.paths:
             raise PosttrainError(f"{BASE!r} names the bare base model; call the adapter something else")
+        base_hash = weights_fingerprint(self.base_path)  # once, however many adapters
         for name, path in self.paths.items():
             if not (path / ADAPTER_CONFIG).is_file():
                 raise PosttrainError(
                     f"adapter {name!r}: {path} is not a PEFT adapter (no {ADAPTER_CONFIG}); serve "
                     "lora, dora, qlora, ia3, prefix or prompt adapters trained over the same base"
                 )
-            check_base(path, self.base_path)  # trained over these very weights
+            check_base(path, self.base_path, base_hash)  # trained over these very weights
         self.methods = {name: adapter_method(path) for name, path in self.paths.items()}
-        kinds = {
-            "prefix" if m == "prefix" else "prompt" if m == "prompt" else "weights"
-            for m in self.methods.values()
-        }
+        kinds = {m if m in ("prefix", "prompt") else "weights" for m in self.methods.values()}
         if len(kinds) > 1:
             raise PosttrainError(
                 f"adapters {self.methods} mix prompt/prefix tuning with weight adapters, which PEFT "

@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from components.data.verifier import reward, verify
 from components.evaluation.generate import generate
-from components.peft.methods import TrainablePolicy, files_bytes, param_counts
+from components.models.loading import dir_size
+from components.peft.methods import TrainablePolicy, param_counts
 
 
 def peak_memory_bytes() -> int:
@@ -57,7 +58,7 @@ def peft_report(policy: TrainablePolicy, out_dir: Path | str, seconds: float) ->
         "trainable_share": trainable / total if total else float("nan"),
         "peak_memory_bytes": peak_memory_bytes(),
         "train_seconds": seconds,
-        "adapter_bytes": files_bytes(out_dir),
+        "adapter_bytes": dir_size(out_dir),
         **policy.facts,
     }
 

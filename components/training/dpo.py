@@ -20,12 +20,10 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
 from components.data.preferences import build_pairs, trl_columns
-from components.distributed import resolve_compute
 from components.errors import DataError
 from components.evaluation.generate import generate
 from components.params import AlignConfig, ComputeConfig, DPOConfig
 from components.peft.adapters import load_policy, load_trainable
-from components.peft.methods import optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -77,9 +75,8 @@ def train_dpo(
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
     dpo = cfg.dpo
-    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
     policy = load_trainable(
-        policy_dir, cfg.peft, "align.peft", device=device, seed=cfg.seed, scratch=work_dir.parent
+        policy_dir, cfg.peft, "align.peft", compute=compute, seed=cfg.seed, scratch=work_dir.parent
     )
     model: Any = policy.model
     peft_config = policy.peft_config
@@ -109,7 +106,7 @@ def train_dpo(
             compute=compute,
             resumable=True,
         )
-        common |= optimizer_args(cfg.peft, device)
+        common |= policy.optimizer_args()
         args = TRLDPOConfig(
             **common,
             beta=dpo.beta,

@@ -25,10 +25,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from components.distributed import resolve_compute
 from components.params import ComputeConfig, GRPOSettings, PeftConfig, RLOOSettings
 from components.peft.adapters import load_trainable
-from components.peft.methods import optimizer_args
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -57,7 +55,6 @@ def train_group_rl(
 ) -> tuple[PeftModel, list[dict[str, float]]]:
     """Train with TRL's GRPO or RLOO for ``settings.steps`` steps; (adapter model, history)."""
     s = settings
-    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
     completions_per_step = s.prompts_per_step * s.num_generations
     common = trainer_args(
         work_dir,
@@ -70,9 +67,12 @@ def train_group_rl(
         compute=compute,
         resumable=True,
     )
+    policy = load_trainable(
+        policy_dir, peft, "align.peft", compute=compute, seed=seed, scratch=work_dir.parent
+    )
     shared: dict[str, Any] = {
         **common,
-        **optimizer_args(peft, device),
+        **policy.optimizer_args(),
         "max_steps": s.steps,
         "lr_scheduler_type": "constant",
         "num_generations": s.num_generations,
@@ -92,7 +92,6 @@ def train_group_rl(
         args = RLOOConfig(**shared)
         trainer_cls = RLOOTrainer
     callback = TrackerCallback(tracker, prefix="align/")
-    policy = load_trainable(policy_dir, peft, "align.peft", device=device, seed=seed, scratch=work_dir.parent)
     if peft.method == "full" and s.beta > 0:
         # TRL builds a full fine-tune's KL reference by re-loading config._name_or_path, which for a
         # merged adapter chain names the *base* model: point it at a saved copy of the SFT policy.

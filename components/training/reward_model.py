@@ -6,30 +6,28 @@ task content, so only the scalar head and a light fine-tune are needed.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import RewardConfig, RewardTrainer
 
 from components.data.preferences import trl_columns
-from components.distributed import resolve_compute
 from components.errors import DataError
-from components.models.loading import load_tokenizer
+from components.models.loading import load_sequence_classifier, load_tokenizer
 from components.params import ComputeConfig, RewardModelConfig
 from components.peft.adapters import (
     adapter_base,
     check_base,
     is_adapter,
-    load_policy,
     load_trainable,
+    plain_weights,
     save_policy,
 )
-from components.peft.methods import TrainablePolicy, optimizer_args
+from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -41,20 +39,15 @@ def load_reward_model(path: Path | str, merge: bool = True) -> PreTrainedModel:
     if is_adapter(path):
         from peft import PeftModel
 
-        base = adapter_base(path)
+        base = Path(adapter_base(path))
         check_base(path, base)
-        with tempfile.TemporaryDirectory() as tmp:
-            load_policy(base).save_pretrained(tmp, safe_serialization=True)
-            backbone = AutoModelForSequenceClassification.from_pretrained(
-                tmp, num_labels=1, dtype=torch.float32, trust_remote_code=False
-            )
+        with plain_weights(base) as plain:
+            backbone = load_sequence_classifier(plain)
         backbone.config.pad_token_id = load_tokenizer(path).pad_token_id
         model = PeftModel.from_pretrained(backbone, str(path))
         model = model.merge_and_unload() if merge else model
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=torch.float32, trust_remote_code=False
-        )
+        model = load_sequence_classifier(path)
     model.eval()
     return model
 
@@ -124,14 +117,13 @@ def train_reward_model(
         compute=compute,
         resumable=True,
     )  # seeds before the reward head is initialised
-    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
     policy = load_trainable(
-        policy_dir, cfg.peft, "reward_model.peft", device=device, reward_head=True, seed=cfg.seed,
-        scratch=work_dir.parent if work_dir.parent.exists() else None,
+        policy_dir, cfg.peft, "reward_model.peft", compute=compute, reward_head=True, seed=cfg.seed,
+        scratch=work_dir.parent,
     )  # fmt: skip
     model = policy.model
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(**common, **optimizer_args(cfg.peft, device), max_length=cfg.max_length)
+    args = RewardConfig(**common, **policy.optimizer_args(), max_length=cfg.max_length)
     callback = TrackerCallback(tracker, prefix="reward_model/")
     trainer = RewardTrainer(
         model=model,

@@ -23,12 +23,11 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
-from components.distributed import resolve_compute
 from components.errors import PosttrainError
 from components.models.loading import load_tokenizer
 from components.params import ComputeConfig, SFTConfig
 from components.peft.adapters import load_trainable, new_token_ids, save_policy
-from components.peft.methods import TrainablePolicy, optimizer_args
+from components.peft.methods import TrainablePolicy
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
@@ -131,10 +130,9 @@ def train_sft(
     ``model_name`` (``base.model``) only names the model in a chat-template error.
     """
     tokenizer = load_tokenizer(base_dir)
-    device, _ = resolve_compute(compute) if compute is not None else ("cpu", None)
     policy = load_trainable(
-        base_dir, cfg.peft, "sft.peft", device=device, new_tokens=new_token_ids(base_dir), seed=cfg.seed,
-        scratch=work_dir.parent if work_dir.parent.exists() else None,
+        base_dir, cfg.peft, "sft.peft", compute=compute, new_tokens=new_token_ids(base_dir), seed=cfg.seed,
+        scratch=work_dir.parent,
     )  # fmt: skip
     model = policy.model
     stop_ids = stop_token_ids(tokenizer, model)
@@ -155,7 +153,7 @@ def train_sft(
     )
     if cfg.peft.method == "prefix":  # PEFT cannot recompute activations through prefix tuning
         common["gradient_checkpointing"] = False
-    common |= optimizer_args(cfg.peft, device)
+    common |= policy.optimizer_args()
     args = TRLSFTConfig(
         **common,
         # already truncated above; TRL refuses max_length with padding-free batches and no packing

@@ -20,7 +20,6 @@ from components.compression.quantize import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     dequantize_int4_groups,
-    dir_size,
     load_int8,
     load_int8_weight,
     mean_token_kl,
@@ -33,6 +32,7 @@ from components.compression.quantize import (
     save_int8_weight,
     save_weight_only,
 )
+from components.models.loading import dir_size
 
 VOCAB = 64
 
