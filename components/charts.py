@@ -24,7 +24,11 @@ def _pyplot():  # noqa: ANN202 - matplotlib.pyplot, imported lazily (it is slow 
 
 
 def loss_chart(
-    path: Path | str, history: Sequence[Mapping[str, float]], columns: Sequence[str], title: str
+    path: Path | str,
+    history: Sequence[Mapping[str, float]],
+    columns: Sequence[str],
+    title: str,
+    ylabel: str = "loss",
 ) -> Path:
     """A line per column of a trainer history (``loss`` per logging step, ``eval_loss`` per epoch)."""
     plt = _pyplot()
@@ -35,7 +39,7 @@ def loss_chart(
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o" if len(points) < 12 else None, label=column)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -79,6 +79,7 @@ class PathsConfig:
     compressed_model: Text = "models/compressed"
     evaluation: Text = "data/evaluation"
     rag: Text = "data/rag"
+    multimodal: Text = "models/multimodal"
     metrics: Text = "metrics"
     plots: Text = "plots"
 
@@ -677,6 +678,61 @@ class RagIndexConfig:
 
 
 @dataclass(frozen=True)
+class FlamingoSettings:
+    """Perceiver resampler + tanh-gated cross-attention blocks (components/multimodal/flamingo.py)."""
+
+    num_latents: Count = 16  # visual tokens per image, whatever the feature count
+    depth: Count = 1  # resampler layers
+    dim: Count = 128  # resampler width (the cross-attention reads it into the LM's width)
+    heads: Count = 4  # divides both dim and the LM's hidden size
+    every: Count = 1  # a gated block before every k-th decoder layer
+    ff_mult: Count = 2
+    # the gates start at 0 and learn with learning_rate x this: at the base rate they stay near 0
+    gate_lr_multiplier: Positive = 10.0
+
+
+@dataclass(frozen=True)
+class PalmeSettings:
+    """Projected visual soft tokens spliced into the LM's input (components/multimodal/palme.py)."""
+
+    projector: Literal["linear", "mlp"] = "mlp"
+    hidden: Count = 512  # the mlp projector's hidden width
+    grid: Count = 3  # each feature map is pooled to grid x grid soft tokens
+    lm: Literal["frozen", "lora"] = "lora"  # lora: LoRA on q/v beside the projector (base weights frozen)
+    lora_r: Count = 8
+    lora_alpha: Count = 16
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    """Image question answering over the SFT policy: Flamingo and/or PaLM-E bridges, frozen encoder and LM."""
+
+    enabled: bool = True
+    method: Literal["flamingo", "palme", "both"] = "both"
+    # JSONL lines {"image", "question", "answer"}; empty = the generated shapes task
+    train_data: str = ""
+    eval_data: str = ""
+    seed: Seed = 0
+    n_train: Count = 1200
+    n_eval: Count = 200
+    image_size: Annotated[int, Range(ge=32, le=512)] = 160  # encoder input; 224 gives 7x7 features, 160 5x5
+    max_objects: Annotated[int, Range(ge=1, le=9)] = 4
+    steps: Count = 500
+    batch_size: Count = 16
+    learning_rate: Positive = 2e-3
+    caption_share: Fraction = 0.0  # extra caption rows ("describe the picture.") per training row
+    interleaved_share: Fraction = 0.2  # training rows that carry solved image examples first
+    few_shot: NonNegativeInt = 2  # solved examples before the query in the interleaved evaluation
+    max_new_tokens: Count = 8
+    flamingo: FlamingoSettings = field(default_factory=FlamingoSettings)
+    palme: PalmeSettings = field(default_factory=PalmeSettings)
+
+    def cross_check(self) -> Iterator[tuple[str, str]]:
+        if bool(self.train_data) != bool(self.eval_data):
+            yield "train_data", "set both train_data and eval_data (or neither: the generated shapes task)"
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file."""
 
@@ -692,6 +748,7 @@ class Params:
     compress: CompressConfig = field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     rag_index: RagIndexConfig = field(default_factory=RagIndexConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Params))

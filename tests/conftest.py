@@ -56,6 +56,15 @@ TINY_OVERRIDES = {
     "compress": {"n_fidelity_prompts": 8},
     "evaluate": {"n_prompts": 16, "n_samples": 2, "max_new_tokens": 6},
     "rag_index": {"chunk_max_characters": 400},
+    "multimodal": {
+        "n_train": 48,
+        "n_eval": 12,
+        "image_size": 96,
+        "steps": 12,
+        "batch_size": 8,
+        "flamingo": {"num_latents": 4, "dim": 32},
+        "palme": {"hidden": 64},
+    },
 }
 
 

@@ -33,6 +33,7 @@ STAGES = [
     "compress",
     "evaluate",
     "rag_index",
+    "multimodal",
 ]
 
 
@@ -68,7 +69,7 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
     assert {"reward_model_pairwise_accuracy", "kl_aligned_vs_sft"} <= set(evaluate)
     compress = json.loads((repo / "metrics/compress.json").read_text())
     assert {"size_bytes_full", "size_bytes_compressed", "compression_ratio", "fidelity_kl"} <= set(compress)
-    assert "9 stage(s) executed" in first.stdout
+    assert "10 stage(s) executed" in first.stdout
 
     runs = mlflow_runs(repo)
     parents = [r for r in runs if r.info.run_name == "post-training"]
@@ -85,7 +86,7 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
 
     # Nothing changed: DVC says so before Prefect starts, and nothing is logged (nothing happened).
     second = posttrain(repo, "run")
-    assert "0 stage(s) executed, 9 up to date (nothing changed: Prefect not started)" in second.stdout
+    assert "0 stage(s) executed, 10 up to date (nothing changed: Prefect not started)" in second.stdout
     assert "Starting temporary server" not in second.stdout + second.stderr
     assert len(mlflow_runs(repo)) == len(runs)
 
@@ -112,9 +113,10 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
         "align",
         "compress",
         "evaluate",
+        "multimodal",
     }
     third = posttrain(repo, "run")
-    assert "6 stage(s) executed, 3 up to date" in third.stdout
+    assert "7 stage(s) executed, 3 up to date" in third.stdout
 
     # Two pipeline runs compare side by side: the parent runs carry params, metrics and lineage.
     parents = sorted(

@@ -181,7 +181,7 @@ def test_unknown_stage_fails_in_one_line_before_prefect_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "posttrain run: error: unknown stage 'bogus' (stages: base, ingest, sft, preferences, "
-        "reward_model, align, compress, evaluate, rag_index)"
+        "reward_model, align, compress, evaluate, rag_index, multimodal)"
     ]
     assert "temporary server" not in proc.stdout + proc.stderr
 

@@ -613,6 +613,8 @@ def test_every_field_has_a_rule_or_is_a_bool_or_literal():
     exempt = {
         "ingest.sft_data": "optional path, '' = the shipped tasks",
         "ingest.preference_data": "optional path, '' = the shipped tasks",
+        "multimodal.train_data": "optional path, '' = the generated shapes task (needs eval_data)",
+        "multimodal.eval_data": "optional path, '' = the generated shapes task (needs train_data)",
         "compute.processes": "ComputeConfig.__post_init__ (>= 1), see test_bad_compute_values_name_the_key",
     }
 
