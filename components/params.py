@@ -698,7 +698,7 @@ class PalmeSettings:
     projector: Literal["linear", "mlp"] = "mlp"
     hidden: Count = 512  # the mlp projector's hidden width
     grid: Count = 3  # each feature map is pooled to grid x grid soft tokens
-    lm: Literal["frozen", "lora"] = "lora"  # lora: LoRA on q/v beside the projector (base weights frozen)
+    lm: Literal["frozen", "lora"] = "lora"  # lora: LoRA on every Linear (base weights frozen)
     lora_r: Count = 8
     lora_alpha: Count = 16
 

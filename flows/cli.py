@@ -444,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flows.adapters_cli import add_adapters_parser
     from flows.deltas_cli import add_deltas_parser
+    from flows.mm_cli import add_mm_parser
 
     add_deltas_parser(sub)
     add_adapters_parser(sub)
+    add_mm_parser(sub)
     return parser
 
 

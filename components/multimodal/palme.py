@@ -6,7 +6,7 @@ projector (``linear`` or a two-layer ``mlp``) into the LM's embedding space, and
 vectors are spliced into the text embeddings exactly where ``<image>`` was written. The LM reads
 them like words: their order in the sequence carries the layout (row by row), and the LM's own
 position encoding does the rest. The LM stays frozen (``lm: frozen``, only the projector learns)
-or gets LoRA on its attention projections (``lm: lora``); its own weights never change.
+or gets LoRA on every linear layer (``lm: lora``, PEFT's ``all-linear``); its own weights never change.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class PalmeLM(nn.Module):
                     r=shape.lora_r,
                     lora_alpha=shape.lora_alpha,
                     lora_dropout=0.0,
-                    target_modules=["q_proj", "v_proj"],
+                    target_modules="all-linear",
                 ),
             )
         self.lm = lm
