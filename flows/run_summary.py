@@ -31,6 +31,8 @@ HEADLINES: tuple[tuple[str, str, str], ...] = (
     ("compress", "fidelity_kl", "compress.fidelity_kl"),
     ("rag_index", "n_documents", "rag.n_documents"),
     ("rag_index", "n_chunks", "rag.n_chunks"),
+    ("multimodal", "flamingo.accuracy", "multimodal.flamingo_accuracy"),
+    ("multimodal", "palme.accuracy", "multimodal.palme_accuracy"),
 )
 
 

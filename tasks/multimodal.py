@@ -19,6 +19,7 @@ and images: 0 when the gates start closed). ``plots/multimodal_gates.png`` draws
 from __future__ import annotations
 
 import csv
+import os
 import random
 import time
 from dataclasses import replace
@@ -201,14 +202,15 @@ def run_bridge(
         "train_seconds": round(seconds, 1),
         "final_loss": history[-1]["loss"],
         "frozen_unchanged": frozen_fingerprint(bridge) == frozen_before,
-        "examples": [
-            {"question": e.question, "answer": e.answer, "predicted": p}
-            for e, p in list(zip(test, predicted, strict=True))[:4]
-        ],
     }
     if method == "flamingo":
         metrics["gate_values"] = bridge.gates()
     saved.save_bridge(bridge, out, method)
+    answers = [  # image paths relative to the output (it is renamed into place)
+        {**e.record(), "image": os.path.relpath(e.image, out), "predicted": p}
+        for e, p in zip(test, predicted, strict=True)
+    ]
+    write_jsonl(out / method / "eval_answers.jsonl", answers)  # every held-out answer, for a look
     data.setdefault("histories", {})[method] = history
     return metrics
 
