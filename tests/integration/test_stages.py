@@ -527,3 +527,45 @@ def test_rag_index_builds_the_pipeline_index(project: Path) -> None:
     assert (out / "milvus.db").is_dir()
     assert_golden(metrics, golden.RAG_INDEX)
     assert no_temp_dirs(project / "data")
+
+
+def test_multimodal_trains_both_bridges_over_the_frozen_sft_policy(project: Path) -> None:
+    import subprocess
+    import sys
+
+    metrics, tracker = run_stage("multimodal")
+    assert metrics["init_max_abs_logit_diff"] == 0.0
+    assert metrics["visual_tokens_per_image"] == 9  # 96 px -> a 3x3 MobileNetV2 map
+    for method in ("flamingo", "palme"):
+        assert metrics[method]["frozen_unchanged"] is True
+        assert 0 < metrics[method]["trainable_share"] < 1
+        assert 0.0 <= metrics[method]["accuracy"] <= 1.0
+    assert any(abs(v) > 0 for v in metrics["flamingo"]["gate_values"].values())  # the gates opened
+    out = project / "models/multimodal"
+    assert {
+        "multimodal.json",
+        "base_model.json",
+        "vision_encoder.safetensors",
+        "flamingo/bridge.safetensors",
+        "flamingo/eval_answers.jsonl",
+        "palme/bridge.safetensors",
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "data/images/eval_00000.png",
+    } <= output_files(out)
+    assert no_temp_dirs(out.parent)
+    assert (project / "plots/multimodal_gates.png").is_file()
+
+    # `posttrain mm ask` gives the stage's own greedy answer for a held-out image
+    first = json.loads((out / "palme/eval_answers.jsonl").read_text().splitlines()[0])
+    cli = [str(Path(sys.executable).parent / "posttrain"), "mm", "ask"]
+    image = str(out / first["image"])
+    proc = subprocess.run(
+        [*cli, image, first["question"], "--method", "palme", "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["answer"] == first["predicted"].strip()
+    # a question longer than the LM's context is one line, not a truncation
+    proc = subprocess.run([*cli, image, "why " * 2500], capture_output=True, text=True)
+    assert proc.returncode == 2 and "longer than the LM's context" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
