@@ -343,3 +343,19 @@ def test_multimodal_cli_rejects_bad_images(tmp_path):
         [*cli, str(tmp_path / "bad.png"), "what?", "--dir", str(tmp_path)], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "no trained multimodal bridge here" in proc.stderr
+
+
+def test_disabled_stage_writes_an_empty_described_output(tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from components.params import Params
+    from components.tracking import RecordingTracker
+    from tasks.multimodal import run
+
+    params = Params()
+    paths = dc_replace(params.paths, multimodal=str(tmp_path / "mm"), plots=str(tmp_path / "plots"))
+    params = dc_replace(params, paths=paths, multimodal=dc_replace(params.multimodal, enabled=False))
+    assert run(params, RecordingTracker()) == {"enabled": False}
+    assert (tmp_path / "mm/config.yaml").is_file()
+    assert (tmp_path / "plots/multimodal_gates.png").is_file()
+    assert (tmp_path / "plots/multimodal_loss.csv").read_text() == "step,bridge,loss\n"
