@@ -18,6 +18,7 @@ and images: 0 when the gates start closed). ``plots/multimodal_gates.png`` draws
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import random
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.artifacts import atomic_dir, describe_output, write_text_atomic
 from components.charts import loss_chart
@@ -43,11 +45,11 @@ from components.multimodal.bridging import (
     check_fits,
     greedy_answers,
     normalise_answer,
-    parameter_counts,
     train_bridge,
 )
 from components.params import MultimodalConfig, Params
 from components.peft.adapters import load_policy, record_base
+from components.peft.methods import param_counts
 from components.tracking import Tracker
 from tasks.stage import stage_command
 
@@ -130,16 +132,16 @@ def frozen_fingerprint(module: torch.nn.Module) -> float:
 def run_bridge(
     method: str,
     cfg: MultimodalConfig,
-    sft: Path,
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     shape: dict[str, Any],
     data: dict[str, Any],
     out: Path,
-    tracker: Tracker,
 ) -> dict[str, Any]:
-    """Build, train, evaluate and save one bridge; its metrics (and, for Flamingo, the gate history)."""
-    tokenizer = load_tokenizer(sft)
+    """Build over ``lm`` (which it freezes and hooks into: pass a copy), train, evaluate and save
+    one bridge; its metrics (and, in ``data["histories"]``, its training history)."""
     fmt = PromptFormat(tokenizer)
-    bridge = saved.build_bridge(method, load_policy(sft), tokenizer, shape)
+    bridge = saved.build_bridge(method, lm, tokenizer, shape)
     train, test, ftrain, ftest = data["train"], data["test"], data["ftrain"], data["ftest"]
     rng = random.Random(cfg.seed)
     rows = []
@@ -172,7 +174,8 @@ def run_bridge(
             bare = bridge.forward_rows([replace(r, images=[]) for r in probe])
         metrics["init_max_abs_logit_diff"] = float((gated - bare).abs().max())
     frozen_before = frozen_fingerprint(bridge)
-    trainable, total = parameter_counts(bridge)
+    trainable, total = param_counts(bridge)
+    # not training.cost.Stopwatch: importing it would add the verifier and generation to this stage's deps
     start = time.perf_counter()
     history = train_bridge(
         bridge,
@@ -217,11 +220,12 @@ def run_bridge(
     return metrics
 
 
-def text_only_accuracy(sft: Path, test: list[shapes.Example], max_new_tokens: int) -> float:
+def text_only_accuracy(
+    lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: list[shapes.Example], max_new_tokens: int
+) -> float:
     """The SFT policy answering each question with no image at all."""
-    tokenizer = load_tokenizer(sft)
     fmt = PromptFormat(tokenizer)
-    bare = BareLM(load_policy(sft), tokenizer.pad_token_id)
+    bare = BareLM(lm, tokenizer.pad_token_id)
     return evaluate(
         bare, fmt, [fmt.row(e.question, []) for e in test], [e.answer for e in test], max_new_tokens
     )[0]
@@ -271,15 +275,16 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         data: dict[str, Any] = {"train": train, "test": test}
         data["ftrain"] = features_of(encoder, train, cfg.image_size)
         data["ftest"] = features_of(encoder, test, cfg.image_size)
+        tokenizer, lm = load_tokenizer(sft), load_policy(sft)  # loaded (merged) once; each bridge gets a copy
         metrics: dict[str, Any] = {
             "n_train": len(train),
             "n_eval": len(test),
             "visual_tokens_per_image": int(data["ftest"].shape[1]),
-            "text_only_accuracy": text_only_accuracy(sft, test, cfg.max_new_tokens),
+            "text_only_accuracy": text_only_accuracy(lm, tokenizer, test, cfg.max_new_tokens),
             "blind_accuracy": shapes.majority_accuracy(train, test),
         }
         for method in methods:
-            result = run_bridge(method, cfg, sft, shapes_cfg[method], data, tmp, tracker)
+            result = run_bridge(method, cfg, copy.deepcopy(lm), tokenizer, shapes_cfg[method], data, tmp)
             if "init_max_abs_logit_diff" in result:
                 metrics["init_max_abs_logit_diff"] = result.pop("init_max_abs_logit_diff")
             metrics[method] = result

@@ -260,12 +260,6 @@ def load_trainable(module: nn.Module, path: Path | str) -> None:
     module.load_state_dict(state, strict=False)
 
 
-def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Fixed sin/cos encodings of (possibly fractional) positions: (N,) -> (N, dim)."""
     half = dim // 2

@@ -10,7 +10,7 @@ trained over: loading them over other weights fails loudly.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,14 @@ METHODS = ("flamingo", "palme")
 
 def shapes_from(cfg: Any) -> dict[str, dict[str, Any]]:
     """The bridge sizes from a ``MultimodalConfig`` (plain dicts, as saved in ``multimodal.json``)."""
-    f, p = cfg.flamingo, cfg.palme
-    flamingo = FlamingoShape(vision.FEATURE_DIM, f.dim, f.num_latents, f.depth, f.heads, f.every, f.ff_mult)
-    palme = PalmeShape(vision.FEATURE_DIM, p.projector, p.hidden, p.grid, p.lm, p.lora_r, p.lora_alpha)
-    return {"flamingo": asdict(flamingo), "palme": asdict(palme)}
+    out = {}
+    for method, shape_class in (("flamingo", FlamingoShape), ("palme", PalmeShape)):
+        settings = getattr(cfg, method)  # every shape field the params section names, by name
+        shape = shape_class(
+            **{f.name: getattr(settings, f.name) for f in fields(shape_class) if hasattr(settings, f.name)}
+        )
+        out[method] = asdict(shape)
+    return out
 
 
 def build_bridge(
