@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 from components.config import ConfigError, NonEmpty, OneOf, Pattern, Range, collect, read_params
 
 # Copies, not imports, of components.data.verifier.TASKS/PROMPT_STYLES and components.rag.chunking's
-# MAX_CHUNK_CHARACTERS: every stage imports this module, and dvc.yaml lists each stage's imports as
+# MAX_CHUNK_TOKENS: every stage imports this module, and dvc.yaml lists each stage's imports as
 # its deps (tests/unit/test_lineage.py). tests/unit/test_config.py asserts the copies stay equal.
 TASKS: tuple[str, ...] = ("add", "reverse", "upper", "capital")
 PROMPT_STYLES: tuple[str, ...] = ("terse", "instruct")
 LOG_MODELS: tuple[str, ...] = ("none", "adapters", "all")  # tracking.log_models, smallest first
 PROMPTINGS: tuple[str, ...] = ("zero_shot", "few_shot", "cot")  # components.evaluation.prompting
-MAX_CHUNK_CHARACTERS = 16_000
+MAX_CHUNK_TOKENS = 2048
 
 # Value types with their ranges; the loader (components.config.build) checks them and names the key.
 Count = Annotated[int, Range(ge=1)]  # a size or a number of things that must be at least one
@@ -79,6 +79,7 @@ class PathsConfig:
     compressed_model: Text = "models/compressed"
     evaluation: Text = "data/evaluation"
     rag: Text = "data/rag"
+    reranker: Text = "models/reranker"
     multimodal: Text = "models/multimodal"
     metrics: Text = "metrics"
     plots: Text = "plots"
@@ -650,7 +651,12 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RagIndexConfig:
-    """Milvus collection with a dense (MiniLM) and a BM25 sparse field; ``uri`` may be a server URL."""
+    """The document index (build keys) and how ``posttrain rag`` queries it (query-time keys).
+
+    Build keys are the ``rag_index`` stage's params; the query-time ones (``top_k`` onwards)
+    are read by ``posttrain rag query/ask/eval`` and the ``rag_eval`` stage, so changing them
+    never re-indexes.
+    """
 
     docs_dir: Text = "data/docs"
     uri: Text = "data/rag/milvus.db"
@@ -662,19 +668,62 @@ class RagIndexConfig:
         ),
     ] = "posttrain_docs"
     embedding_model: Text = "minilm"
-    chunk_max_characters: Annotated[int, Range(ge=1, le=MAX_CHUNK_CHARACTERS)] = 500
-    chunk_overlap: NonNegativeInt = 50
-    top_k: Count = 5
-    mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    chunking: Literal["by_title", "fixed", "sentence_window"] = "by_title"
+    chunk_tokens: Annotated[int, Range(ge=8, le=MAX_CHUNK_TOKENS)] = 128  # embedding-model tokens
+    chunk_overlap_tokens: NonNegativeInt = 16  # fixed, and by_title pieces cut at chunk_tokens
+    window_sentences: NonNegativeInt = 2  # sentence_window: neighbours each side returned
+    # chunks at least this similar (MinHash Jaccard over word 5-grams) to an earlier one are dropped
+    near_duplicate_threshold: Annotated[float, Range(gt=0, le=1)] = 0.9
+    index_type: Literal["auto", "HNSW", "FLAT"] = "auto"  # auto: FLAT below flat_below chunks
+    flat_below: Count = 20_000
     # unstructured's `languages` (ISO 639-3): named = no per-document detection; ["auto"] = detect
     languages: Annotated[tuple[Annotated[str, NonEmpty()], ...], NonEmpty()] = ("eng",)
+    # -- query time ------------------------------------------------------------------------
+    top_k: Count = 5
+    mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: Count = 60
+    dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.5  # weighted fusion; sparse gets 1 - this
+    expansion: Literal["none", "prf", "multi_query"] = "none"
+    reranker: Text = "trained"  # trained (the rag_reranker stage's model) | none | a CrossEncoder dir
+    candidates: Count = 50  # retrieved cheaply, then reranked down to top_k
+    answer_mode: Literal["extractive", "generative"] = "extractive"
+    generator: Text = "champion"  # champion (registry alias) | smollm2 | a local causal-LM dir
+    min_support: Annotated[float, Range(ge=-1, le=1)] = 0.45  # below: "I don't know"
+    context_tokens: Count = 768  # the generator's evidence budget
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
-        if self.chunk_overlap >= self.chunk_max_characters:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
             yield (
-                "chunk_overlap",
-                f"must be < chunk_max_characters ({self.chunk_max_characters}), got {self.chunk_overlap}",
+                "chunk_overlap_tokens",
+                f"must be < chunk_tokens ({self.chunk_tokens}), got {self.chunk_overlap_tokens}",
             )
+        if self.candidates < self.top_k:
+            yield "candidates", f"must be >= top_k ({self.top_k}), got {self.candidates}"
+
+
+@dataclass(frozen=True)
+class RagRerankerConfig:
+    """Fine-tune the bundled MiniLM as a cross-encoder on (query, passage) pairs from the index."""
+
+    enabled: bool = True
+    base: Text = "minilm"
+    queries_per_passage: Count = 2  # section title and/or a held-out sentence (inverse cloze)
+    negatives: Count = 3  # BM25 neighbours that are not the passage
+    max_passages: Count = 400  # sampled from the index, so a large corpus does not blow the budget
+    epochs: Count = 1
+    batch_size: Count = 16
+    learning_rate: LearningRate = 2e-5
+    max_length: Annotated[int, Range(ge=16, le=512)] = 256
+    eval_share: Fraction = 0.2
+    seed: Seed = 0
+
+
+@dataclass(frozen=True)
+class RagEvalConfig:
+    """Retrieval and answer quality of the index on a question set (``posttrain rag eval``)."""
+
+    questions: Text = "data/rag_eval/questions.jsonl"
 
 
 @dataclass(frozen=True)
@@ -748,6 +797,8 @@ class Params:
     compress: CompressConfig = field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     rag_index: RagIndexConfig = field(default_factory=RagIndexConfig)
+    rag_reranker: RagRerankerConfig = field(default_factory=RagRerankerConfig)
+    rag_eval: RagEvalConfig = field(default_factory=RagEvalConfig)
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from components.errors import DataError, MissingInputError, PosttrainError
-from components.params import RagIndexConfig, load_params
+from components.params import Params, RagIndexConfig, load_params
 
 PROG = "posttrain rag"
 EXIT_USER_ERROR = 2
@@ -29,10 +29,16 @@ EXIT_USER_ERROR = 2
 _RAG_DESCRIPTION = """\
 Build and search the document index that the model answers from.
 
-Documents (PDF, HTML, Markdown, DOCX, plain text) are parsed with unstructured, split into
-chunks at headings, embedded with MiniLM and stored in a Milvus collection that has a dense
-vector field and a BM25 sparse field. Questions are answered by dense, sparse (BM25) or hybrid
-(both, fused by reciprocal rank fusion) search.
+Documents (PDF, HTML, Markdown, DOCX, plain text) are parsed with unstructured, cleaned
+(navigation, running headers, hidden HTML text quarantined), split into chunks (by_title,
+fixed or sentence_window, sized in tokens of the embedding model), deduplicated, embedded with
+MiniLM and stored in a Milvus collection with a dense vector field, a BM25 sparse field and
+metadata fields (source, title, section, page, file_type, modified, content_hash).
+
+Questions are answered by dense, sparse (BM25) or hybrid search (both, fused by reciprocal
+rank fusion), then reranked by a cross-encoder the pipeline trains on the corpus (stage
+rag_reranker). `ask` answers with citations from that evidence; `eval` scores retrieval on a
+question set.
 
 The index lives in a Milvus Lite file by default (rag_index.uri in params.yaml, normally
 data/rag/milvus.db, the rag_index stage's output); a URI such as http://localhost:19530 uses a
@@ -43,16 +49,23 @@ examples:
   posttrain rag ingest data/docs
   posttrain rag query "What is the capital of Fosaduia?"
   posttrain rag query "visa fee in Lubaa" --mode sparse --top-k 3 --json
+  posttrain rag query "pdf pages about exports" --filter 'file_type == "pdf"'
   posttrain rag query --batch questions.jsonl > answers.jsonl
+  posttrain rag ask "When is the lantern festival in Rapeba?"
+  posttrain rag eval data/rag_eval/questions.jsonl
 
 defaults for --collection and --uri come from the rag_index section of ./params.yaml
 (or posttrain_docs and data/rag/milvus.db when there is no params.yaml)."""
 
 _INGEST_DESCRIPTION = """\
-Parse, chunk, embed and store files. Folders are searched recursively (hidden files are
-ignored). A file that was ingested before, under the same path, has its chunks replaced, so
-ingesting again never creates duplicates. Files that cannot be read (unsupported type,
-corrupt, no text) are skipped and listed with the reason; they never stop the others.
+Parse, clean, chunk, embed and store files. Folders are searched recursively (hidden files
+are ignored). Ingesting is incremental: a file whose bytes did not change since it was indexed
+is not even parsed, a changed file has only its own chunks replaced, and with --prune the
+chunks of files that no longer exist under the given folders are removed. Files that cannot
+be read (unsupported type, corrupt, no text) are skipped and listed with the reason; they
+never stop the others and never remove what the index already holds. Exact and near-duplicate
+chunks are dropped, and hidden HTML text (comments, scripts, display:none) is quarantined;
+both are listed.
 
 Exit status: 0 when at least one file was indexed, 1 when none was, 2 on an error."""
 
@@ -61,6 +74,7 @@ examples:
   posttrain rag ingest data/docs                       # a folder, recursively
   posttrain rag ingest notes.md report.pdf             # single files
   posttrain rag ingest docs/ --collection team_docs --uri /tmp/team.db
+  posttrain rag ingest docs/ --prune                   # also drop files deleted from docs/
   posttrain rag ingest docs/ --uri http://localhost:19530"""
 
 _QUERY_DESCRIPTION = """\
@@ -69,11 +83,17 @@ Print the chunks that best answer a question, best first.
 Search modes:
   dense   cosine similarity of MiniLM embeddings: finds paraphrases and related wording
   sparse  BM25 over the chunk text: finds exact names, codes and numbers (no model load)
-  hybrid  both, fused with reciprocal rank fusion (k=60): the default
+  hybrid  both, fused with reciprocal rank fusion (rag_index.rrf_k) or weighted: the default
+
+By default rag_index.candidates hits are retrieved and the trained cross-encoder reranks them
+down to --top-k (--no-rerank skips it). --filter takes a Milvus boolean expression over the
+metadata fields source, title, section, page, file_type, modified, content_hash, e.g.
+  'file_type == "pdf" and page <= 3'    'source like "docs/manual/%"'
 
 With --json the output is one JSON object:
-  {"hits": [{"source": PATH, "score": FLOAT, "text": STR, "chunk_id": STR}, ...]}
-where PATH is the path as given to ingest. Scores are higher-is-better in every mode.
+  {"hits": [{"source": PATH, "score": FLOAT, "text": STR, "chunk_id": STR, "metadata": {...}}]}
+where PATH is the path as given to ingest. Scores are higher-is-better in every mode (after
+reranking: the cross-encoder's logit).
 
 With --batch FILE (JSON lines, each {"id": ..., "question": ...}; "-" reads stdin) the output
 is one JSON line {"id": ..., "hits": [...]} per input line, in input order. Blank lines are
@@ -85,7 +105,46 @@ examples:
   posttrain rag query "When is the lantern festival in Rapeba?"
   posttrain rag query "Satipia copper exports" --mode sparse --top-k 3
   posttrain rag query "Which stage builds the index?" --json | jq '.hits[0].source'
-  posttrain rag query --batch questions.jsonl --top-k 3 > hits.jsonl"""
+  posttrain rag query --batch questions.jsonl --top-k 3 > hits.jsonl
+  posttrain rag query "record low temperature" --filter 'file_type == "docx"' --no-rerank"""
+
+_ASK_DESCRIPTION = """\
+Answer a question from the index, with numbered citations.
+
+Modes (default: rag_index.answer_mode):
+  extractive  quotes the evidence sentences that best answer the question: useful with any
+              generator, and the default while the promoted model cannot answer open questions
+  generative  the generator (rag_index.generator: champion = the promoted policy, a bundled
+              model such as smollm2-135m-instruct, or a local directory) reads a context of
+              numbered, delimited passages within rag_index.context_tokens and answers
+
+Retrieved text is data, never instructions: sentences that read as instructions to an
+assistant ("ignore previous instructions ...", role tags) are removed from the evidence and
+reported under "flagged", as is hidden HTML at ingest time. When no evidence sentence is
+similar enough to the question (rag_index.min_support) the answer is "I don't know".
+
+With --json: {"answer": STR, "citations": [{"source", "chunk_id", "page"}], "refused": BOOL,
+"flagged": [...], "mode": STR, "support": FLOAT}."""
+
+_ASK_EPILOG = """\
+examples:
+  posttrain rag ask "When is the lantern festival in Rapeba?"
+  posttrain rag ask "Which country charges no visa fee?" --json
+  posttrain rag ask "What is Gubu known for?" --mode generative --generator smollm2-135m-instruct"""
+
+_EVAL_DESCRIPTION = """\
+Score retrieval on a question set and log it to MLflow.
+
+QUESTIONS is JSON lines {"id", "question", "relevant": [source paths], "answer": optional}.
+Reports file-level recall@1/5/10, MRR@10 and nDCG@10 for dense, sparse, hybrid, hybrid with
+pseudo-relevance feedback and (when a reranker exists) hybrid + rerank, and, where answers are
+given, whether the extractive answer and the retrieved evidence contain them. A relevant path
+matches a hit's source when one ends with the other (docs/a.pdf matches data/docs/a.pdf)."""
+
+_EVAL_EPILOG = """\
+examples:
+  posttrain rag eval data/rag_eval/questions.jsonl
+  posttrain rag eval questions.jsonl --json > report.json"""
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -104,11 +163,14 @@ def _quiet_known_noise() -> None:
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 
+def project_params(params_path: str | Path = "params.yaml") -> Params:
+    """``./params.yaml`` when it exists, else the built-in defaults."""
+    return load_params(params_path) if Path(params_path).is_file() else Params()
+
+
 def rag_config(params_path: str | Path = "params.yaml") -> RagIndexConfig:
     """``rag_index`` from ``./params.yaml`` when it exists, else the built-in defaults."""
-    if Path(params_path).is_file():
-        return load_params(params_path).rag_index
-    return RagIndexConfig()
+    return project_params(params_path).rag_index
 
 
 def _positive_int(text: str) -> int:
@@ -158,16 +220,31 @@ def _load_embedder(name: str) -> Any:
 # -- ingest ----------------------------------------------------------------------------------
 
 
+def _require_index(uri: str) -> None:
+    from components.rag.store import is_lite_uri
+
+    if is_lite_uri(uri) and not os.path.exists(uri):  # opening would create an empty database
+        raise MissingInputError(
+            f"no index at {uri}; build it with `posttrain rag ingest PATH` or the rag_index stage, "
+            "or pass --uri"
+        )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @_handler
 def cmd_ingest(args: argparse.Namespace) -> int:
     """``posttrain rag ingest PATH...``"""
     _quiet_known_noise()
     cfg, uri, collection = _resolve(args)
-    from components.rag.chunking import validate_chunking
     from components.rag.index import ingest
     from components.rag.store import open_store
+    from tasks.rag_index import chunking_config, index_options
 
-    validate_chunking(cfg.chunk_max_characters, cfg.chunk_overlap)
+    chunking = chunking_config(cfg)
+    chunking.validate()
     for path in args.paths:  # before loading anything: a typo should fail in milliseconds
         if not os.path.exists(path):
             raise MissingInputError(f"{path}: no such file or directory")
@@ -177,19 +254,38 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             args.paths,
             store,
             embedder,
-            max_characters=cfg.chunk_max_characters,
-            overlap=cfg.chunk_overlap,
+            chunking=chunking,
+            near_duplicate_threshold=cfg.near_duplicate_threshold,
+            prune=args.prune,
             languages=cfg.languages,
             progress=not args.quiet,
+            index_options=index_options(cfg),
         )
         total = store.count()
-    files = "file" if report.n_documents == 1 else "files"
+    if args.json:
+        print(
+            json.dumps(
+                {**report.metrics(), "indexed": report.indexed, "pruned": report.pruned, "total": total}
+            )
+        )
+        return 0 if report.n_documents else 1
+    changed = report.n_documents - len(report.unchanged)
     print(
-        f"indexed {report.n_documents} {files}, {report.n_chunks} chunks into collection "
-        f"{collection!r} at {uri} (now {total} chunks in total)"
+        f"indexed {_plural(report.n_documents, 'file')} ({changed} new or changed, "
+        f"{len(report.unchanged)} unchanged) into collection {collection!r} at {uri}: "
+        f"chunks +{report.added} added, ~{report.updated} updated, -{report.removed} removed "
+        f"(now {total} chunks in total)"
     )
+    for source, n in report.pruned.items():
+        print(f"pruned {source}: {_plural(n, 'chunk')} removed (file no longer exists)")
+    if report.duplicates:
+        print(f"dropped {_plural(len(report.duplicates), 'duplicate chunk')}")
+    if report.quarantined:
+        print(f"quarantined {_plural(len(report.quarantined), 'hidden passage')} (not indexed):")
+        for q in report.quarantined:
+            print(f"  {q['source']}: {q['kind']}: {textwrap.shorten(q['text'], 80, placeholder=' ...')}")
     if report.skipped:
-        print(f"skipped {len(report.skipped)} file{'s' if len(report.skipped) != 1 else ''}:")
+        print(f"skipped {_plural(len(report.skipped), 'file')}:")
         for s in report.skipped:
             print(f"  {s.source}: {s.reason}")
     return 0 if report.n_documents else 1
@@ -240,35 +336,64 @@ def _print_readable(hits: Sequence[Any], out: TextIO) -> None:
         )
 
 
+class _Session:
+    """The store, embedder, reranker and retrieval options one command works with."""
+
+    def __init__(self, args: argparse.Namespace, *, need_embedder: bool = True) -> None:
+        from components.rag import service
+        from components.rag.store import open_store
+
+        self.params = project_params()
+        self.cfg, uri, collection = _resolve(args)
+        _require_index(uri)
+        self._store_cm = open_store(uri, collection)
+        self.store = self._store_cm.__enter__()
+        try:
+            self.store.count()  # fails with a clear message when the collection does not exist
+            self.embedder = _load_embedder(self.cfg.embedding_model) if need_embedder else None
+            if self.embedder is not None:
+                self.store.check_compatible({"embedding_model": self.embedder.name, "dim": self.embedder.dim})
+            rerank = getattr(args, "rerank", None)
+            self.reranker = (
+                service.load_reranker(self.cfg, self.params.paths.reranker, rerank) if need_embedder else None
+            )
+            self.filter = self.store.validate_filter(args.filter) if getattr(args, "filter", None) else ""
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._store_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @_handler
 def cmd_query(args: argparse.Namespace) -> int:
     """``posttrain rag query QUESTION`` / ``posttrain rag query --batch FILE``"""
     _quiet_known_noise()
+    from components.rag.index import retrieve
+    from components.rag.service import check_question, retrieval_options
+
     if args.batch and args.question:
         raise PosttrainError("give either QUESTION or --batch FILE, not both")
     if not args.batch and not (args.question or "").strip():
         raise PosttrainError("a QUESTION (or --batch FILE) is required")
-    cfg, uri, collection = _resolve(args)
-    mode, top_k = args.mode or cfg.mode, args.top_k or cfg.top_k
     items = read_batch(args.batch) if args.batch else [(None, args.question)]
-
-    from components.rag.store import is_lite_uri, open_store
-
-    if is_lite_uri(uri) and not os.path.exists(uri):  # opening would create an empty database
-        raise MissingInputError(
-            f"no index at {uri}; build it with `posttrain rag ingest PATH` or the rag_index stage, "
-            "or pass --uri"
-        )
-
-    with open_store(uri, collection) as store:
-        store.count()  # fails with a clear message when the collection does not exist
-        vectors: Sequence[Any] = [None] * len(items)
-        if mode != "sparse":
-            embedder = _load_embedder(cfg.embedding_model)
-            vectors = embedder.encode([q for _, q in items])
+    items = [(item_id, check_question(q)) for item_id, q in items]
+    cfg = rag_config()
+    mode = args.mode or cfg.mode
+    if mode == "sparse" and args.rerank is None:
+        args.rerank = False  # sparse alone means "no model load"; --rerank turns it back on
+    with _Session(args, need_embedder=mode != "sparse" or bool(args.rerank)) as session:
+        opts = retrieval_options(session.cfg, mode=mode, top_k=args.top_k, filter=session.filter)
         results = [
-            store.search(question, vector, mode=mode, top_k=top_k)
-            for (_, question), vector in zip(items, vectors, strict=True)
+            retrieve(session.store, session.embedder, question, opts, reranker=session.reranker)
+            for _, question in items
         ]
     if args.batch:
         for (item_id, _), hits in zip(items, results, strict=True):
@@ -278,6 +403,122 @@ def cmd_query(args: argparse.Namespace) -> int:
     else:
         _print_readable(results[0], sys.stdout)
     return 0
+
+
+def _generator(name: str, params: Params) -> Any:
+    """The generative mode's model: the champion from the MLflow registry, or a bundled/local one."""
+    from components.rag import service
+
+    if name != "champion":
+        return service.load_generator(name)
+    import mlflow
+
+    from tasks.tracking import configure
+
+    configure(params.tracking)
+    uri = f"models:/{params.tracking.registered_model}@{params.evaluate.promotion_alias}"
+    try:
+        parts = mlflow.transformers.load_model(uri, return_type="components")
+    except Exception as exc:  # noqa: BLE001 - registry errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PosttrainError(
+            f"cannot load the champion ({uri}): {first}; run `posttrain run` first, or pass "
+            "--generator smollm2-135m-instruct (or a model directory)"
+        ) from None
+    return service.make_generator(parts["model"], parts["tokenizer"])
+
+
+@_handler
+def cmd_ask(args: argparse.Namespace) -> int:
+    """``posttrain rag ask QUESTION``"""
+    _quiet_known_noise()
+    from components.rag import service
+
+    question = service.check_question(args.question)
+    with _Session(args) as session:
+        cfg = session.cfg
+        mode = args.mode or cfg.answer_mode
+        generator = None
+        if mode == "generative":
+            generator = _generator(args.generator or cfg.generator, session.params)
+        opts = service.retrieval_options(cfg, top_k=args.top_k, filter=session.filter)
+        result, _ = service.answer(
+            question,
+            session.store,
+            session.embedder,
+            opts,
+            reranker=session.reranker,
+            mode=mode,
+            min_support=cfg.min_support,
+            generator=generator,
+            context_tokens=cfg.context_tokens,
+        )
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return 0
+    print(textwrap.fill(result.answer, 96))
+    if result.citations:
+        print()
+        for c in result.citations:
+            where = f"{c.source} (page {c.page})" if c.page else c.source
+            print(f"[{c.number}] {where}  chunk={c.chunk_id}")
+    for f in result.flagged:
+        text = textwrap.shorten(str(f.get("text", "")), 80, placeholder=" ...")
+        print(f"flagged: {f.get('source')}: {f.get('reason')}: {text}", file=sys.stderr)
+    return 0
+
+
+@_handler
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``posttrain rag eval QUESTIONS.jsonl``"""
+    _quiet_known_noise()
+    from components.rag import service
+    from components.rag.evaluation import read_questions
+
+    questions = read_questions(args.questions)
+    with _Session(args) as session:
+        report = service.evaluate(
+            questions,
+            session.store,
+            session.embedder,
+            session.cfg,
+            reranker=session.reranker,
+            progress=not args.json,
+        )
+        if not args.no_mlflow:
+            log_eval_to_mlflow(session.params, report, args.questions)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    print(format_eval(report))
+    return 0
+
+
+def format_eval(report: dict[str, Any]) -> str:
+    """The per-mode table a person reads (the README's table has the same columns)."""
+    cols = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "ndcg_at_10")
+    lines = [f"{report['n_questions']} questions; default mode: {report['default_mode']}", ""]
+    lines.append(f"{'mode':<15}" + "".join(f"{c.replace('_at_', '@'):>11}" for c in cols))
+    for name, scores in report["modes"].items():
+        lines.append(f"{name:<15}" + "".join(f"{scores[c]:>11.3f}" for c in cols))
+    if "answers" in report:
+        a = report["answers"]
+        lines += [
+            "",
+            f"answers ({a['n']} with an expected answer): answer contains it {a['answer_containment']:.3f}, "
+            f"evidence contains it {a['evidence_containment']:.3f}, refused {a['refusal_rate']:.3f}",
+        ]
+    return "\n".join(lines)
+
+
+def log_eval_to_mlflow(params: Params, report: dict[str, Any], questions: str) -> None:
+    """One MLflow run (experiment ``tracking.experiment``) with every mode's metrics."""
+    from tasks.stage import numeric_metrics
+    from tasks.tracking import stage_run
+
+    with stage_run("rag_eval", params.tracking) as tracker:
+        tracker.log_params({"rag_eval.questions": questions, "rag_eval.n_questions": report["n_questions"]})
+        tracker.log_metrics(numeric_metrics({k: v for k, v in report.items() if k != "per_question"}))
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -298,12 +539,28 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_retrieval_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("retrieval")
+    group.add_argument(
+        "--filter",
+        metavar="EXPR",
+        help="a Milvus boolean expression over metadata, e.g. 'file_type == \"pdf\" and page > 2'",
+    )
+    group.add_argument(
+        "--rerank",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rerank rag_index.candidates hits with the trained cross-encoder "
+        "(default: on when the reranker exists; off for --mode sparse)",
+    )
+
+
 def add_rag_parser(subparsers: Any) -> None:
-    """Add ``rag`` (with ``ingest`` and ``query``) to an argparse subparsers object."""
+    """Add ``rag`` (``ingest``, ``query``, ``ask``, ``eval``) to an argparse subparsers object."""
     fmt = argparse.RawDescriptionHelpFormatter
     rag = subparsers.add_parser(
         "rag",
-        help="build and query the document index (ingest, query)",
+        help="build, query and evaluate the document index; answer from it (ingest, query, ask, eval)",
         description=_RAG_DESCRIPTION,
         epilog=_RAG_EPILOG,
         formatter_class=fmt,
@@ -319,6 +576,12 @@ def add_rag_parser(subparsers: Any) -> None:
     )
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (searched recursively)")
     ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument(
+        "--prune",
+        action="store_true",
+        help="also remove the chunks of indexed files under PATH that no longer exist",
+    )
+    ingest.add_argument("--json", action="store_true", help="print the ingest report as JSON")
     _add_store_options(ingest)
     ingest.set_defaults(func=cmd_ingest)
 
@@ -354,7 +617,55 @@ def add_rag_parser(subparsers: Any) -> None:
         "--json", action="store_true", help='print {"hits": [...]} as JSON (implied by --batch)'
     )
     _add_store_options(query)
+    _add_retrieval_options(query)
     query.set_defaults(func=cmd_query)
+
+    ask = commands.add_parser(
+        "ask",
+        help="answer a question from the index, with citations",
+        description=_ASK_DESCRIPTION,
+        epilog=_ASK_EPILOG,
+        formatter_class=fmt,
+    )
+    ask.add_argument("question", metavar="QUESTION", help="the question, quoted")
+    ask.add_argument(
+        "--mode",
+        choices=("extractive", "generative"),
+        default=None,
+        help="extractive (quote the best sentences) or generative (the generator answers) "
+        "(default: rag_index.answer_mode, extractive)",
+    )
+    ask.add_argument(
+        "--generator",
+        metavar="MODEL",
+        help="generative mode's model: champion, a bundled name or a directory "
+        "(default: rag_index.generator)",
+    )
+    ask.add_argument(
+        "-k",
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="passages of evidence (default: 5)",
+    )
+    ask.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    _add_retrieval_options(ask)
+    _add_store_options(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score retrieval per mode on a question set (recall, MRR, nDCG)",
+        description=_EVAL_DESCRIPTION,
+        epilog=_EVAL_EPILOG,
+        formatter_class=fmt,
+    )
+    evaluate.add_argument("questions", metavar="QUESTIONS", help="JSON-lines question file")
+    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
+    _add_store_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

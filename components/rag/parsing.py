@@ -58,10 +58,16 @@ class Skipped:
 
 @dataclass(frozen=True)
 class ParsedDocument:
-    """The elements of one file; ``source`` is the path as the user gave it (normalized)."""
+    """The elements of one file; ``source`` is the path as the user gave it (normalized).
+
+    ``quarantined`` lists text a reader of the rendered page never sees (HTML comments,
+    scripts, ``display:none`` elements): it was removed before parsing and is reported,
+    because hidden text is where prompt injections hide.
+    """
 
     source: str
     elements: list[Any]
+    quarantined: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -170,14 +176,15 @@ def _empty_reason(ext: str) -> str:
     return "no text extracted: the file is empty or has no readable content"
 
 
-def partition_file(source: str, languages: Sequence[str] = DEFAULT_LANGUAGES) -> list[Any]:
+def partition_file(source: str, languages: Sequence[str] = DEFAULT_LANGUAGES) -> tuple[list[Any], list[Any]]:
     """Partition one supported file; raises ``ValueError`` with a reason when it yields nothing.
 
     PDFs use ``strategy="fast"`` (pdfminer text extraction): ``hi_res`` needs a layout model
     from the Hub, which is not available offline. ``languages`` is handed to unstructured:
     naming them (``["eng"]``, the default) skips its per-document language detection, which is
     more than half of the time on a large text file (measured: 41 s -> 17 s on 0.9 MB);
-    ``["auto"]`` turns detection back on.
+    ``["auto"]`` turns detection back on. HTML is stripped of hidden text first
+    (:func:`components.rag.guard.strip_hidden_html`); returns the elements and those findings.
     """
     from unstructured.partition.auto import partition
 
@@ -187,18 +194,29 @@ def partition_file(source: str, languages: Sequence[str] = DEFAULT_LANGUAGES) ->
     kwargs: dict[str, Any] = {"content_type": CONTENT_TYPES[ext], "languages": list(languages)}
     if ext == ".pdf":
         kwargs.update(strategy="fast")
+    quarantined: list[Any] = []
     with _quiet_loggers():
-        elements = partition(filename=source, **kwargs)
+        if CONTENT_TYPES[ext] == "text/html":
+            from components.rag.guard import strip_hidden_html
+
+            with open(source, encoding="utf-8", errors="replace") as fh:
+                html, quarantined = strip_hidden_html(fh.read())
+            from unstructured.partition.html import partition_html
+
+            elements = partition_html(text=html, languages=list(languages)) if html.strip() else []
+        else:
+            elements = partition(filename=source, **kwargs)
     elements = [e for e in elements if (getattr(e, "text", "") or "").strip()]
     if not elements:
         raise ValueError(_empty_reason(ext))
-    return elements
+    return elements, quarantined
 
 
 def _parse_one(source: str, languages: Sequence[str]) -> ParsedDocument | Skipped:
     """One file as a document or a skip; only an install problem (:class:`PosttrainError`) raises."""
     try:
-        return ParsedDocument(source, partition_file(source, languages))
+        elements, quarantined = partition_file(source, languages)
+        return ParsedDocument(source, elements, quarantined)
     except PosttrainError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure skips this one file
