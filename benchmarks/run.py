@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from benchmarks import rag
+
 if TYPE_CHECKING:  # heavy imports, only for annotations
     from trl import SFTTrainer
 
@@ -130,7 +132,7 @@ def bench_retrieval(repeats: int) -> list[str]:
     from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
 
     from components.rag.embedding import get_embedder
-    from components.rag.index import ingest, retrieve
+    from components.rag.index import RetrievalOptions, ingest, retrieve
     from components.rag.store import open_store
 
     questions = [
@@ -146,7 +148,10 @@ def bench_retrieval(repeats: int) -> list[str]:
             ingest([str(ROOT / "data/docs")], store, embedder)
 
             def ours() -> list[list[str]]:
-                return [[h.chunk_id for h in retrieve(store, embedder, q, top_k=5)] for q in questions]
+                return [
+                    [h.chunk_id for h in retrieve(store, embedder, q, RetrievalOptions(top_k=5))]
+                    for q in questions
+                ]
 
             client: MilvusClient = store.client
 
@@ -630,6 +635,9 @@ def main() -> None:
             "sft",
             "rl",
             "compression",
+            "rag_ingest",
+            "rag_latency",
+            "rag_100k",
         ],
         nargs="+",
     )
@@ -644,6 +652,9 @@ def main() -> None:
         "sft": bench_sft,
         "rl": bench_rl,
         "compression": bench_compression,
+        "rag_ingest": rag.bench_rag_ingest,
+        "rag_latency": rag.bench_rag_latency,
+        "rag_100k": rag.bench_rag_100k,
     }
     lines = [
         "# Benchmarks",

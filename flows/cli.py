@@ -40,9 +40,12 @@ examples:
   posttrain plots                        # loss curves + evaluation, one offline HTML page
   posttrain metrics evaluate             # the evaluation as a model x metric table
   posttrain serve --cron "0 3 * * *"     # nightly re-run as a Prefect deployment
+  posttrain serve --flow rag-refresh --interval 900 --name docs   # re-index changed docs every 15 min
   posttrain deploy --pool p --interval 3600  # same, run by `prefect worker start --pool p`
   posttrain rag ingest docs/ report.pdf  # add documents to the index
   posttrain rag query "capital of Fosaduia" --mode hybrid --json
+  posttrain rag ask "When is the lantern festival in Rapeba?"  # a cited answer, guarded
+  posttrain rag eval data/rag_eval/questions.jsonl  # recall/MRR/nDCG per retrieval mode
   posttrain deltas ask --delta a=runs/a --delta b=runs/b "What is 2 + 3?"  # fine-tunes on one base
   posttrain deltas serve --delta a=runs/a --delta b=runs/b  # the same over HTTP (127.0.0.1:8600)
   posttrain adapters ask --base models/base --adapter a=runs/a --adapter b=runs/b "add 2 and 3"
@@ -231,6 +234,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=args.name,
         repo_dir=str(Path(".").resolve()),
         stages=args.stages,
+        flow_name=args.flow,
     )
     return 0
 
@@ -245,8 +249,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         name=args.name,
         repo_dir=str(Path(".").resolve()),
         stages=args.stages,
+        flow_name=args.flow,
     )
-    print(f"deployment post-training/{args.name} ({deployment_id}) in work pool {args.pool!r}")
+    print(f"deployment {args.flow}/{args.name} ({deployment_id}) in work pool {args.pool!r}")
     print(f"run its flow runs with: prefect worker start --pool {args.pool}")
     return 0
 
@@ -258,6 +263,13 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="posttrain-scheduled", help="deployment name")
     p.add_argument(
         "--stages", nargs="+", metavar="STAGE", help="the scheduled runs run only these stages (default: all)"
+    )
+    p.add_argument(
+        "--flow",
+        choices=("post-training", "rag-refresh"),
+        default="post-training",
+        help="post-training (the whole DAG, default) or rag-refresh (re-index changed documents only: "
+        "schedule it more often than training)",
     )
 
 

@@ -31,6 +31,24 @@ from typing import Any
 from components.errors import PosttrainError
 
 DESCRIPTION = "Re-run the post-training DAG; DVC skips every stage whose inputs did not change."
+FLOWS: tuple[str, ...] = ("post-training", "rag-refresh")
+DESCRIPTIONS = {
+    "post-training": DESCRIPTION,
+    "rag-refresh": "Re-index the documents that changed since the RAG index was built.",
+}
+
+
+def _flow(name: str) -> Any:
+    """The Prefect flow object for a ``--flow`` name."""
+    if name == "rag-refresh":
+        from flows.rag_refresh import rag_refresh
+
+        return rag_refresh
+    if name != "post-training":
+        raise PosttrainError(f"--flow {name!r}: choose from {', '.join(FLOWS)}")
+    from flows.post_training import post_training
+
+    return post_training
 
 
 def validate_schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
@@ -51,8 +69,12 @@ def validate_schedule(cron: str | None, interval: float | None) -> dict[str, Any
     return {"interval": interval}
 
 
-def _parameters(repo_dir: str, stages: list[str] | None) -> dict[str, Any]:
+def _parameters(repo_dir: str, stages: list[str] | None, flow_name: str = "post-training") -> dict[str, Any]:
     parameters: dict[str, Any] = {"repo_dir": repo_dir}
+    if stages and flow_name == "rag-refresh":
+        raise PosttrainError(
+            "--stages applies to the post-training flow only (rag-refresh runs the RAG stages)"
+        )
     if stages:
         parameters["stages"] = list(stages)
     return parameters
@@ -64,15 +86,14 @@ def build_deployment(
     repo_dir: str = ".",
     interval: float | None = None,
     stages: list[str] | None = None,
+    flow_name: str = "post-training",
 ) -> Any:
     """The deployment object (flow + schedule + parameters), without serving it."""
-    from flows.post_training import post_training
-
-    return post_training.to_deployment(
+    return _flow(flow_name).to_deployment(
         name=name,
         **validate_schedule(cron, interval),
-        parameters=_parameters(repo_dir, stages),
-        description=DESCRIPTION,
+        parameters=_parameters(repo_dir, stages, flow_name),
+        description=DESCRIPTIONS[flow_name],
         tags=["posttrain"],
         concurrency_limit=1,
     )
@@ -161,17 +182,18 @@ def serve(
     repo_dir: str = ".",
     interval: float | None = None,
     stages: list[str] | None = None,
+    flow_name: str = "post-training",
 ) -> None:
-    """Serve the flow on ``cron`` or every ``interval`` seconds until interrupted."""
+    """Serve the flow (``post-training`` or ``rag-refresh``) on ``cron`` or every ``interval`` seconds."""
     schedule = validate_schedule(cron, interval)  # before any server starts
+    parameters = _parameters(repo_dir, stages, flow_name)
+    flow_obj = _flow(flow_name)
     with prefect_server():
-        from flows.post_training import post_training
-
-        post_training.serve(
+        flow_obj.serve(
             name=name,
             **schedule,
-            parameters=_parameters(repo_dir, stages),
-            description=DESCRIPTION,
+            parameters=parameters,
+            description=DESCRIPTIONS[flow_name],
             tags=["posttrain"],
             global_limit=1,  # no overlapping runs, even across several `posttrain serve`
             limit=1,
@@ -199,9 +221,11 @@ def deploy(
     repo_dir: str = ".",
     interval: float | None = None,
     stages: list[str] | None = None,
+    flow_name: str = "post-training",
 ) -> str:
     """Register the deployment in the process work pool ``pool``; returns the deployment id."""
     schedule = validate_schedule(cron, interval)
+    parameters = _parameters(repo_dir, stages, flow_name)
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         raise PosttrainError(
@@ -212,16 +236,14 @@ def deploy(
         from prefect import deploy as prefect_deploy
         from prefect.deployments.runner import EntrypointType
 
-        from flows.post_training import post_training
-
         ensure_process_pool(pool)
         # A module entrypoint (`flows.post_training`, importable wherever this package is
         # installed) needs no code storage; the worker starts each run in `repo_dir`.
-        deployment = post_training.to_deployment(
+        deployment = _flow(flow_name).to_deployment(
             name=name,
             **schedule,
-            parameters=_parameters(repo_dir, stages),
-            description=DESCRIPTION,
+            parameters=parameters,
+            description=DESCRIPTIONS[flow_name],
             tags=["posttrain"],
             concurrency_limit=1,
             work_pool_name=pool,
