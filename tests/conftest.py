@@ -55,7 +55,8 @@ TINY_OVERRIDES = {
     },
     "compress": {"n_fidelity_prompts": 8},
     "evaluate": {"n_prompts": 16, "n_samples": 2, "max_new_tokens": 6},
-    "rag_index": {"chunk_max_characters": 400},
+    # ~400 characters (5 per token): smaller chunks than the shipped 128 tokens, as before
+    "rag_index": {"chunk_tokens": 80, "chunk_overlap_tokens": 16},
     "multimodal": {
         "n_train": 48,
         "n_eval": 12,
@@ -84,7 +85,7 @@ def make_project(dest: Path, corpus_lines: int = 600) -> Path:
     """A copy of the project's pipeline files with tiny params and a short corpus."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    for sub in ("data/tasks", "data/docs"):
+    for sub in ("data/tasks", "data/docs", "data/rag_eval"):  # rag_eval: the stage's question set
         shutil.copytree(ROOT / sub, dest / sub)
     for code in ("components", "tasks"):  # dvc.yaml lists the stage code as deps
         shutil.copytree(ROOT / code, dest / code, ignore=shutil.ignore_patterns("__pycache__"))

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -133,22 +133,15 @@ class BM25:
             out[docs] += self.idf[term] * tfs * (self.k1 + 1.0) / (tfs + self._norm[docs])
         return out
 
-    def top(self, query: str, k: int, exclude: Sequence[int] | set[int] = ()) -> list[int]:
+    def top(self, query: str, k: int, exclude: Iterable[int] = ()) -> list[int]:
         """Up to ``k`` document indices with a positive score, best first (ties: lower index first)."""
         if k <= 0:
             return []
         scores = self.scores(query)
         skip = set(exclude)
-        out: list[int] = []
-        for i in np.argsort(-scores, kind="stable"):
-            if scores[i] <= 0.0:
-                break
-            if int(i) in skip:
-                continue
-            out.append(int(i))
-            if len(out) == k:
-                break
-        return out
+        matches = np.flatnonzero(scores > 0.0)
+        ranked = matches[np.lexsort((matches, -scores[matches]))]  # score descending, then index
+        return [int(i) for i in ranked if int(i) not in skip][:k]
 
 
 def _sentences(text: str) -> list[str]:
@@ -177,6 +170,20 @@ def _queries_for(
         for i in sorted(rng.choice(len(candidates), size=n_cloze, replace=False).tolist()):
             sentence, rest = candidates[i]
             out.append(("cloze", sentence, rest))
+    return out
+
+
+def _random_others(
+    rng: np.random.Generator, n: int, need: int, taken: Sequence[int], eligible: Callable[[int], bool]
+) -> list[int]:
+    """``need`` random eligible indices not in ``taken``: a cheap sample first, a full scan if short."""
+    skip = set(taken)
+    sample = rng.choice(n, size=min(n, 4 * need + 8), replace=False)
+    out = [int(j) for j in sample if int(j) not in skip and eligible(int(j))][:need]
+    if len(out) < need:
+        skip.update(out)
+        rest = [j for j in range(n) if j not in skip and eligible(j)]
+        out.extend(rest[int(e)] for e in rng.permutation(len(rest))[: need - len(out)])
     return out
 
 
@@ -217,11 +224,7 @@ def build_pairs(
 
             chosen = [j for j in bm25.top(query, negatives + 16, exclude={i}) if eligible(j)][:negatives]
             if len(chosen) < negatives:
-                taken = set(chosen)
-                rest = [j for j in range(len(passages)) if j not in taken and eligible(j)]
-                if rest:
-                    extra = rng.permutation(len(rest))[: negatives - len(chosen)]
-                    chosen.extend(rest[int(e)] for e in extra)
+                chosen.extend(_random_others(rng, len(passages), negatives - len(chosen), chosen, eligible))
             if not chosen:
                 continue
             pairs.append(TrainPair(query, positive, 1.0, passage.chunk_id))
@@ -313,7 +316,6 @@ def fit_cross_encoder(
     epochs: int = 1,
     batch_size: int = 16,
     learning_rate: float = 2e-5,
-    head_learning_rate: float | None = None,
     seed: int = 0,
     max_length: int = 256,
     progress: bool = False,
@@ -364,7 +366,6 @@ def fit_cross_encoder(
                 use_cpu=True,
                 dataloader_num_workers=0,
                 disable_tqdm=not progress,
-                learning_rate_mapping={r"\.classifier\.": head_learning_rate} if head_learning_rate else {},
             )
             trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss)
             if not progress:
@@ -440,8 +441,6 @@ class Reranker:
     """A trained cross-encoder on CPU: raw logits for (query, text) pairs, higher = more relevant."""
 
     def __init__(self, path: str | Path, batch_size: int = 32) -> None:
-        from sentence_transformers import CrossEncoder
-
         self.path = Path(path).expanduser()
         self.batch_size = batch_size
         if not (self.path / "config.json").is_file():
@@ -449,6 +448,8 @@ class Reranker:
                 f"no reranker model at {self.path}: expected a directory saved by train_reranker "
                 "(config.json, model.safetensors)"
             )
+        from sentence_transformers import CrossEncoder
+
         with _quiet_hf():
             try:
                 self.model = CrossEncoder(str(self.path), device="cpu")

@@ -121,7 +121,23 @@ EVALUATE = {
     "reward_model_pairwise_accuracy": 7 / 7,
 }
 
-RAG_INDEX = {"n_documents": 8, "n_chunks": 37, "n_skipped": 0, "skipped": []}
+# rag_index: the tiny params chunk by_title at 80 tokens (16 overlap); a fresh build adds every chunk.
+RAG_INDEX = {
+    "n_documents": 8,
+    "n_chunks": 53,
+    "n_unchanged": 0,
+    "chunks_added": 53,
+    "chunks_updated": 0,
+    "chunks_removed": 0,
+    "n_pruned_files": 0,
+    "n_duplicates": 0,
+    "n_quarantined": 0,
+    "n_skipped": 0,
+    "cleaning": {"boilerplate": 0, "empty": 0, "headers_footers": 0},
+    "skipped": [],
+    "duplicates": [],
+    "quarantined": [],
+}
 
 # ---------------------------------------------------------------------------- output file sets
 # The exact relative paths of the files in each stage's output directory (directories implied).

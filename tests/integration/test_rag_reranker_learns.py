@@ -320,8 +320,15 @@ def _dir_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Held-out MRR gain measured at 0.29-0.34 over three seeds with this setup (untrained 0.46-0.52,
+# trained 0.75-0.86); one epoch (14 steps) is too short for the fresh head: gains of 0.0-0.28.
+MRR_MARGIN = 0.15
+
+
 @pytest.mark.slow
 def test_reranker_learns_and_reloads(tmp_path, monkeypatch):
+    import torch
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the trainer's scratch dir lands here
     base = resolve_model_path("minilm")
     before = _dir_digest(base)
@@ -335,20 +342,24 @@ def test_reranker_learns_and_reloads(tmp_path, monkeypatch):
     assert {p.group for p in train}.isdisjoint({p.group for p in held_out})
 
     untrained = evaluate_pairs(load_base_cross_encoder(max_length=128, seed=0), held_out)
-    model, stats = fit_cross_encoder(train, epochs=1, learning_rate=5e-5, max_length=128, seed=0)
+    model, stats = fit_cross_encoder(train, epochs=3, learning_rate=1e-4, max_length=128, seed=0)
     trained = evaluate_pairs(model, held_out)
     print(f"\nheld-out {trained['queries']} queries: untrained {untrained} -> trained {trained}; {stats}")
     assert stats["train_pairs"] == len(train) and stats["steps"] > 0
     assert trained["mrr"] >= untrained["mrr"] + MRR_MARGIN
 
+    # saved and reloaded: the same raw logits as the in-memory model
     out = save_reranker(model, tmp_path / "reranker")
     reloaded = Reranker(out)
     query, texts = held_out[0].query, [p.passage for p in held_out[:4]]
-    in_memory = model.predict([(query, t) for t in texts], activation_fn=None, show_progress_bar=False)
-    # predict applies the saved Sigmoid by default; the Reranker returns raw logits
-    np.testing.assert_allclose(1.0 / (1.0 + np.exp(-reloaded.scores(query, texts))), in_memory, rtol=1e-5)
+    in_memory = model.predict(
+        [(query, t) for t in texts], activation_fn=torch.nn.Identity(), show_progress_bar=False
+    )
+    np.testing.assert_allclose(reloaded.scores(query, texts), in_memory, rtol=1e-6, atol=1e-6)
+    assert evaluate_pairs(out, held_out) == trained
     ranked = reloaded.rerank(query, texts, text_of=lambda t: t, top_k=2)
-    assert [t for t, _ in ranked] == [texts[i] for i in np.argsort(-reloaded.scores(query, texts))[:2]]
+    best = np.argsort(-reloaded.scores(query, texts), kind="stable")[:2]
+    assert [t for t, _ in ranked] == [texts[i] for i in best]
 
     # train_reranker end to end on a tiny slice: saved, reloadable, no trainer scratch left behind
     stats_small = train_reranker(train[:8], tmp_path / "small", batch_size=4, max_length=32)
@@ -358,6 +369,3 @@ def test_reranker_learns_and_reloads(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("rerank-train-*"))
 
     assert _dir_digest(base) == before, "training must not modify the bundled MiniLM files"
-
-
-MRR_MARGIN = 0.15

@@ -134,7 +134,7 @@ def test_validate_reports_every_problem_at_once_one_line_each(tmp_path, capsys):
         "base:\n  num_heads: 3\n"
         "ingest:\n  n_eval_prompts: 0\n"
         "evaluate:\n  n_prompts: 0\n"
-        "rag_index:\n  chunk_overlap: 600\n"
+        "rag_index:\n  chunk_overlap_tokens: 600\n"
     )
     assert _exit_code(["validate", "--params", str(path)]) == 2
     captured = capsys.readouterr()
@@ -152,7 +152,7 @@ def test_validate_reports_every_problem_at_once_one_line_each(tmp_path, capsys):
         "preferences.temperature",
         "preferences.eval_fraction",
         "evaluate.n_prompts",
-        "rag_index.chunk_overlap",
+        "rag_index.chunk_overlap_tokens",
     ]
     assert "posttrain validate: error: sft.learning_rate: must be >= 0, got -1.0" in lines
 
@@ -181,7 +181,7 @@ def test_unknown_stage_fails_in_one_line_before_prefect_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "posttrain run: error: unknown stage 'bogus' (stages: base, ingest, sft, preferences, "
-        "reward_model, align, compress, evaluate, rag_index, multimodal)"
+        "reward_model, align, compress, evaluate, rag_index, rag_reranker, rag_eval, multimodal)"
     ]
     assert "temporary server" not in proc.stdout + proc.stderr
 

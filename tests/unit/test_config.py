@@ -433,7 +433,12 @@ NONSENSE = [
     ("preferences.temperature", -1, "preferences.temperature", r"must be > 0, got -1\.0"),
     ("preferences.eval_fraction", 1.5, "preferences.eval_fraction", r"must be in \[0, 1\), got 1\.5"),
     ("base.num_heads", 3, "base.num_heads", r"must divide hidden_size \(128\), got 3"),
-    ("rag_index.chunk_overlap", 500, "rag_index.chunk_overlap", r"must be < chunk_max_characters \(500\)"),
+    (
+        "rag_index.chunk_overlap_tokens",
+        128,
+        "rag_index.chunk_overlap_tokens",
+        r"must be < chunk_tokens \(128\)",
+    ),
     (
         "sft.lr_scheduler",
         "cosine_typo",
@@ -578,15 +583,37 @@ NONSENSE = [
     ("rag_index.uri", "", "rag_index.uri", r"must not be empty"),
     ("rag_index.collection", "posttrain-docs", "rag_index.collection", r"must be a Milvus collection name"),
     ("rag_index.embedding_model", "", "rag_index.embedding_model", r"must not be empty"),
+    ("rag_index.chunk_tokens", 7, "rag_index.chunk_tokens", r"must be in \[8, 2048\], got 7"),
+    ("rag_index.chunk_tokens", 2049, "rag_index.chunk_tokens", r"must be in \[8, 2048\]"),
+    ("rag_index.chunk_overlap_tokens", -1, "rag_index.chunk_overlap_tokens", r"must be >= 0, got -1"),
     (
-        "rag_index.chunk_max_characters",
-        0,
-        "rag_index.chunk_max_characters",
-        r"must be in \[1, 16000\], got 0",
+        "rag_index.chunking",
+        "paragraphs",
+        "rag_index.chunking",
+        r"expected one of .*'by_title'.*got 'paragraphs'",
     ),
-    ("rag_index.chunk_max_characters", 16001, "rag_index.chunk_max_characters", r"must be in \[1, 16000\]"),
-    ("rag_index.chunk_overlap", -1, "rag_index.chunk_overlap", r"must be >= 0, got -1"),
+    ("rag_index.window_sentences", -1, "rag_index.window_sentences", r"must be >= 0, got -1"),
+    (
+        "rag_index.near_duplicate_threshold",
+        0,
+        "rag_index.near_duplicate_threshold",
+        r"must be in \(0, 1\], got 0",
+    ),
+    ("rag_index.near_duplicate_threshold", 1.5, "rag_index.near_duplicate_threshold", r"must be in \(0, 1\]"),
+    ("rag_index.index_type", "IVF", "rag_index.index_type", r"expected one of .*'HNSW'.*got 'IVF'"),
+    ("rag_index.flat_below", 0, "rag_index.flat_below", r"must be >= 1"),
     ("rag_index.top_k", 0, "rag_index.top_k", r"must be >= 1"),
+    ("rag_index.candidates", 4, "rag_index.candidates", r"must be >= top_k \(5\), got 4"),
+    ("rag_index.fusion", "max", "rag_index.fusion", r"expected one of .*'rrf'.*got 'max'"),
+    ("rag_index.dense_weight", 1.5, "rag_index.dense_weight", r"must be in \[0, 1\]"),
+    ("rag_index.expansion", "hyde", "rag_index.expansion", r"expected one of .*'prf'.*got 'hyde'"),
+    ("rag_index.answer_mode", "abstractive", "rag_index.answer_mode", r"expected one of .*'extractive'"),
+    ("rag_index.min_support", 2, "rag_index.min_support", r"must be in \[-1, 1\]"),
+    ("rag_index.context_tokens", 0, "rag_index.context_tokens", r"must be >= 1"),
+    ("rag_reranker.max_length", 8, "rag_reranker.max_length", r"must be in \[16, 512\]"),
+    ("rag_reranker.eval_share", 1.5, "rag_reranker.eval_share", r"must be in \[0, 1"),
+    ("paths.reranker", "", "paths.reranker", r"must not be empty"),
+    ("rag_eval.questions", "", "rag_eval.questions", r"must not be empty"),
     # not finite
     ("sft.learning_rate", float("inf"), "sft.learning_rate", r"must be a finite number, got inf"),
     ("preferences.temperature", float("nan"), "preferences.temperature", r"must be a finite number, got nan"),
@@ -655,8 +682,14 @@ def test_learning_rate_zero_stays_valid():
         ("sft.peft.method", "tinytl"),
         ("align.peft.method", "qlora"),
         ("reward_model.peft.method", "lora"),
-        ("rag_index.chunk_overlap", 0),
-        ("rag_index.chunk_overlap", 499),
+        ("rag_index.chunk_overlap_tokens", 0),
+        ("rag_index.chunk_overlap_tokens", 127),  # chunk_tokens is 128
+        ("rag_index.chunk_tokens", 2048),
+        ("rag_index.chunk_tokens", 17),  # the default overlap is 16
+        ("rag_index.window_sentences", 0),  # a bare sentence, no neighbours
+        ("rag_index.near_duplicate_threshold", 1.0),  # only exact duplicates
+        ("rag_index.candidates", 5),  # == top_k: rerank nothing more than what is returned
+        ("rag_index.min_support", -1.0),  # never refuse
         ("evaluate.promotion_max_accuracy_drop", 0),
         ("evaluate.promotion_alias", "best-v2"),
         ("base.seed", 2**32 - 1),
@@ -708,9 +741,11 @@ def test_architecture_rules_apply_only_to_the_tiny_model():
 
 def test_cross_field_rule_checks_a_default_against_a_given_value():
     with pytest.raises(
-        ConfigError, match=r"^rag_index\.chunk_overlap: must be < chunk_max_characters \(40\)"
+        ConfigError, match=r"^rag_index\.chunk_overlap_tokens: must be < chunk_tokens \(16\), got 16$"
     ):
-        parse_params({"rag_index": {"chunk_max_characters": 40}})  # default overlap is 50
+        parse_params({"rag_index": {"chunk_tokens": 16}})  # default overlap is 16
+    with pytest.raises(ConfigError, match=r"^rag_index\.candidates: must be >= top_k \(60\), got 50$"):
+        parse_params({"rag_index": {"top_k": 60}})  # default candidates is 50
 
 
 def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
@@ -719,7 +754,7 @@ def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
         "preferences:\n  k: 0\n  temperature: -1\n  eval_fraction: 1.5\n"
         "evaluate:\n  n_prompts: 0\n  nprompts: 3\n"
         "base:\n  num_heads: 3\n"
-        "rag_index:\n  chunk_overlap: 600\n"
+        "rag_index:\n  chunk_overlap_tokens: 600\n"
         "ingest:\n  n_eval_prompts: 0\n"
         "sfft: {}\n"
     )
@@ -739,7 +774,7 @@ def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
         "preferences.eval_fraction",
         "evaluate.n_prompts",
         "evaluate.nprompts",
-        "rag_index.chunk_overlap",
+        "rag_index.chunk_overlap_tokens",
     ]
     assert str(exc.value).splitlines() == list(exc.value.problems)  # one line each
     assert "sft.epochs: expected int, got str 'three'" in exc.value.problems
@@ -857,14 +892,15 @@ def test_ingest_tasks_are_the_verifier_tasks():
     from components import params
     from components.data.verifier import PROMPT_STYLES, TASKS
     from components.evaluation.prompting import PROMPTINGS
-    from components.rag.chunking import MAX_CHUNK_CHARACTERS
+    from components.rag.chunking import MAX_CHUNK_TOKENS
     from components.training.rewards import REWARDS
 
     assert params.TASKS == TASKS  # a copy (see components/params.py for why it is not imported)
     assert params.PROMPT_STYLES == PROMPT_STYLES
     assert params.PROMPTINGS == PROMPTINGS
     assert params.ALIGN_REWARDS == REWARDS
-    assert params.MAX_CHUNK_CHARACTERS == MAX_CHUNK_CHARACTERS
+    assert params.MAX_CHUNK_TOKENS == MAX_CHUNK_TOKENS
+    assert not hasattr(params, "MAX_CHUNK_CHARACTERS")  # the character budget is gone from params
     assert set(IngestConfig().tasks) <= set(TASKS)
     for task in TASKS:
         assert parse_params({"ingest": {"tasks": [task]}}).ingest.tasks == (task,)
