@@ -18,7 +18,7 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from components.errors import DataError, MissingInputError, PosttrainError
 from components.params import Params, RagIndexConfig, load_params
@@ -85,9 +85,12 @@ Search modes:
   sparse  BM25 over the chunk text: finds exact names, codes and numbers (no model load)
   hybrid  both, fused with reciprocal rank fusion (rag_index.rrf_k) or weighted: the default
 
-By default rag_index.candidates hits are retrieved and the trained cross-encoder reranks them
-down to --top-k (--no-rerank skips it). --filter takes a Milvus boolean expression over the
-metadata fields source, title, section, page, file_type, modified, content_hash, e.g.
+With --rerank, rag_index.candidates hits are retrieved and the cross-encoder trained by the
+rag_reranker stage reranks them down to --top-k (default: rag_index.rerank, off: on real
+manuals it ranked below plain hybrid; see the README).
+
+--filter takes a Milvus boolean expression over the metadata fields source, title, section,
+page, file_type, modified, content_hash, e.g.
   'file_type == "pdf" and page <= 3'    'source like "docs/manual/%"'
 
 With --json the output is one JSON object:
@@ -269,6 +272,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             )
         )
         return 0 if report.n_documents else 1
+    if not report.n_documents and not report.skipped and not report.pruned:
+        from components.rag.parsing import SUPPORTED_EXTENSIONS
+
+        print(
+            f"{PROG}: no supported files under {', '.join(args.paths)} "
+            f"(supported: {', '.join(SUPPORTED_EXTENSIONS)}); the index was not changed",
+            file=sys.stderr,
+        )
+        return 1
     changed = report.n_documents - len(report.unchanged)
     print(
         f"indexed {_plural(report.n_documents, 'file')} ({changed} new or changed, "
@@ -304,11 +316,11 @@ def read_batch(path: str) -> list[tuple[Any, str]]:
         return _parse_batch(sys.stdin, "<stdin>")
     if not os.path.isfile(path):
         raise MissingInputError(f"{path}: no such file (--batch expects a JSON-lines file)")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:  # bytes: a bad byte is "FILE:LINE: not valid UTF-8", not a traceback
         return _parse_batch(fh, path)
 
 
-def _parse_batch(lines: TextIO | Iterator[str], name: str) -> list[tuple[Any, str]]:
+def _parse_batch(lines: TextIO | BinaryIO | Iterator[str], name: str) -> list[tuple[Any, str]]:
     from components.data.jsonl import parse_jsonl_lines
 
     items: list[tuple[Any, str]] = []
@@ -350,6 +362,7 @@ class _Session:
         self.store = self._store_cm.__enter__()
         try:
             self.store.count()  # fails with a clear message when the collection does not exist
+            self.filter = self.store.validate_filter(args.filter) if getattr(args, "filter", None) else ""
             self.embedder = _load_embedder(self.cfg.embedding_model) if need_embedder else None
             if self.embedder is not None:
                 self.store.check_compatible({"embedding_model": self.embedder.name, "dim": self.embedder.dim})
@@ -357,7 +370,6 @@ class _Session:
             self.reranker = (
                 service.load_reranker(self.cfg, self.params.paths.reranker, rerank) if need_embedder else None
             )
-            self.filter = self.store.validate_filter(args.filter) if getattr(args, "filter", None) else ""
         except BaseException:
             self.close()
             raise
@@ -482,7 +494,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             session.store,
             session.embedder,
             session.cfg,
-            reranker=session.reranker,
+            # the hybrid + rerank row whenever a reranker exists; rag_index.rerank picks the default
+            reranker=service.find_reranker(session.cfg, session.params.paths.reranker, warn=False),
             progress=not args.json,
         )
         if not args.no_mlflow:
@@ -551,7 +564,7 @@ def _add_retrieval_options(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="rerank rag_index.candidates hits with the trained cross-encoder "
-        "(default: on when the reranker exists; off for --mode sparse)",
+        "(default: rag_index.rerank, off)",
     )
 
 

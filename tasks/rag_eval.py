@@ -65,7 +65,9 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     cfg = params.rag_index
     questions = read_questions(params.rag_eval.questions)
     embedder = get_embedder(cfg.embedding_model)
-    reranker = service.load_reranker(cfg, params.paths.reranker, None)
+    # the hybrid + rerank row is measured whenever the trained reranker exists; rag_index.rerank
+    # only decides whether it is the default
+    reranker = service.find_reranker(cfg, params.paths.reranker)
     with open_store(cfg.uri, cfg.collection) as store:
         store.check_compatible({"embedding_model": embedder.name, "dim": embedder.dim})
         report = service.evaluate(questions, store, embedder, cfg, reranker=reranker, progress=True)

@@ -127,22 +127,36 @@ class TokenCounter:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def windows(self, text: str, size: int, overlap: int) -> list[tuple[int, int]]:
-        """Character spans of consecutive ``size``-token windows, each ``overlap`` tokens back.
+        """Character spans of consecutive windows of at most ``size`` tokens, ``overlap`` tokens back.
 
-        Spans come from the tokenizer's offsets, so a window never splits a word piece and the
-        chunk text is an exact slice of the original.
+        Spans come from the tokenizer's offsets and are snapped to word boundaries (a window
+        never starts or ends inside a word, so the slice re-tokenizes to at most ``size``
+        tokens); the chunk text is an exact slice of the original.
         """
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
-        if len(offsets) <= size:
+        n = len(offsets)
+        if n <= size:
             return [(0, len(text))] if text.strip() else []
+        words = enc.word_ids() if hasattr(enc, "word_ids") else list(range(n))
+
+        def word_start(i: int) -> int:
+            while 0 < i < n and words[i] is not None and words[i - 1] == words[i]:
+                i -= 1
+            return i
+
         spans = []
-        step = size - overlap
-        for start in range(0, len(offsets), step):
-            end = min(start + size, len(offsets))
+        start = 0
+        while start < n:
+            end = min(start + size, n)
+            if end < n:
+                snapped = word_start(end)
+                end = snapped if snapped > start else end  # a single word longer than the window is cut
             spans.append((offsets[start][0], offsets[end - 1][1]))
-            if end == len(offsets):
+            if end == n:
                 break
+            nxt = word_start(max(end - overlap, start + 1))
+            start = nxt if nxt > start else end
         return spans
 
 
@@ -206,7 +220,10 @@ def _by_title(elements: Sequence[Any], located: list[_Located], counter: TokenCo
 
     where = {e.id: loc for e, loc in zip(elements, located, strict=True)}
     max_chars = min(cfg.chunk_tokens * CHARS_PER_TOKEN, MAX_CHUNK_CHARACTERS)
-    for piece in chunk_by_title(list(elements), max_characters=max_chars, overlap=0):
+    # combine_text_under_n_chars=0: every heading starts a chunk, even after a short section
+    # (unstructured would otherwise merge small sections, and a chunk would span two headings).
+    pieces = chunk_by_title(list(elements), max_characters=max_chars, overlap=0, combine_text_under_n_chars=0)
+    for piece in pieces:
         text = (piece.text or "").strip()
         if not text:
             continue

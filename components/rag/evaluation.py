@@ -41,7 +41,7 @@ def read_questions(path: str) -> list[Question]:
     if not os.path.isfile(path):
         raise MissingInputError(f"{path}: no such question file")
     out: list[Question] = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:  # bytes: a bad byte is "FILE:LINE: not valid UTF-8", not a traceback
         for number, record in parse_jsonl_lines(fh, path):
             where = f"{path}:{number}"
             if "id" not in record:
@@ -83,8 +83,18 @@ def ranked_files(sources: Iterable[str]) -> list[str]:
 
 
 def score_ranking(files: Sequence[str], relevant: Sequence[str]) -> dict[str, float]:
-    """recall@1/5/10, mrr@10 and ndcg@10 of one ranked file list."""
-    hits = [any(same_source(f, r) for r in relevant) for f in files[:CUTOFF]]
+    """recall@1/5/10, mrr@10 and ndcg@10 of one ranked file list.
+
+    Each relevant path counts once: the first file that matches it is a hit, so a path that
+    two indexed files match (``v1/guide.md``, ``v2/guide.md``) cannot push a metric above 1.
+    """
+    found: set[int] = set()
+    hits: list[bool] = []
+    for f in files[:CUTOFF]:
+        match = next((i for i, r in enumerate(relevant) if i not in found and same_source(f, r)), None)
+        if match is not None:
+            found.add(match)
+        hits.append(match is not None)
     n_rel = len(relevant)
     out = {f"recall_at_{k}": sum(hits[:k]) / n_rel for k in RECALL_AT}
     first = next((i for i, h in enumerate(hits) if h), None)

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from components.errors import PosttrainError
 from components.rag.chunking import Chunk, ChunkingConfig, chunk_elements, counter_for
 from components.rag.embedding import Embedder
 from components.rag.parsing import DEFAULT_LANGUAGES, Skipped, collect_files, parse_documents
 from components.rag.store import Hit, RagStore, SearchMode
 
+EXPANSIONS: tuple[str, ...] = ("none", "prf")
 PRF_DOCS = 3  # pseudo-relevance feedback: the first-pass hits read for expansion terms
 PRF_TERMS = 6
 PRF_DENSE_WEIGHT = 0.5  # Rocchio: question vector + this x mean of the feedback hits' vectors
@@ -136,6 +138,8 @@ def ingest(
     chunking.validate()
     files, skipped = collect_files(paths)
     report = IngestReport(skipped=list(skipped))
+    if not files and not prune:
+        return report  # nothing to index: do not even create an empty collection
     record = index_record(embedder, chunking, **(index_options or {}))
     store.ensure_collection(record, expected_rows=len(files) * 8)
     known = store.file_hashes()
@@ -150,6 +154,12 @@ def ingest(
     parsed = parse_documents(changed, languages, progress=progress) if changed else None
     counter = counter_for(embedder)
     dedupe = NearDuplicateIndex(threshold=near_duplicate_threshold)
+    if changed and any(s not in changed for s in known):
+        # What stays indexed counts too: a new copy of an unchanged file is a duplicate.
+        changing = set(changed)
+        for row in store.passages():
+            if row["source"] not in changing:
+                dedupe.add(f"{row['source']}#{row['chunk_id']}", row["text"])
     stats = CleaningStats(0, 0, 0)
     per_doc: list[tuple[str, list[Chunk]]] = []
     for doc in parsed.documents if parsed else []:
@@ -254,6 +264,10 @@ def retrieve(
     the question's (Rocchio), which helps a question worded unlike the document.
     """
     opts = options or RetrievalOptions()
+    if opts.expansion not in EXPANSIONS:
+        raise PosttrainError(
+            f"unknown query expansion {opts.expansion!r} (choose from {', '.join(EXPANSIONS)})"
+        )
     if embedder is None and opts.mode != "sparse":
         raise ValueError(f"{opts.mode} search needs an embedder")
     if vector is None and embedder is not None and opts.mode != "sparse":

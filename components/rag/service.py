@@ -68,14 +68,21 @@ def reranker_path(cfg: RagIndexConfig, trained_dir: str | Path) -> Path | None:
 def load_reranker(cfg: RagIndexConfig, trained_dir: str | Path, wanted: bool | None) -> Any:
     """The cross-encoder, or None. ``wanted``: True (--rerank) requires one, False disables it.
 
-    By default the reranker is used when it exists; a missing trained one only warns, so
-    ``posttrain rag query`` works before the rag_reranker stage has run.
+    ``None`` means ``rag_index.rerank``: when that is on, the reranker is used if it exists
+    (a missing trained one only warns, so queries work before the rag_reranker stage ran).
     """
-    if wanted is False:
+    if wanted is None and not cfg.rerank:
         return None
+    return find_reranker(cfg, trained_dir, required=bool(wanted))
+
+
+def find_reranker(
+    cfg: RagIndexConfig, trained_dir: str | Path, required: bool = False, warn: bool = True
+) -> Any:
+    """The configured cross-encoder if it exists (an error when ``required``), else None."""
     path = reranker_path(cfg, trained_dir)
     if path is None:
-        if wanted:
+        if required:
             raise PosttrainError("--rerank needs a reranker, but rag_index.reranker is 'none'")
         return None
     if not (path / "config.json").is_file():
@@ -83,9 +90,10 @@ def load_reranker(cfg: RagIndexConfig, trained_dir: str | Path, wanted: bool | N
             f"no reranker at {path}; train it with `posttrain run` (stage rag_reranker) "
             "or set rag_index.reranker to a CrossEncoder directory"
         )
-        if wanted:
+        if required:
             raise MissingInputError(message)
-        print(f"posttrain rag: warning: {message}; searching without reranking", file=sys.stderr)
+        if warn:
+            print(f"posttrain rag: warning: {message}; searching without reranking", file=sys.stderr)
         return None
     from components.rag.rerank import get_reranker
 
@@ -231,9 +239,11 @@ def evaluate(
             bar.update()
         results["modes"][name] = mean_scores(rows)
     bar.close()
-    default = "hybrid_rerank" if reranker is not None and "hybrid_rerank" in results["modes"] else cfg.mode
-    if cfg.expansion == "prf" and cfg.mode == "hybrid" and reranker is None:
+    default = cfg.mode
+    if cfg.mode == "hybrid" and cfg.expansion == "prf":
         default = "hybrid_prf"
+    if cfg.mode == "hybrid" and cfg.rerank and "hybrid_rerank" in results["modes"]:
+        default = "hybrid_rerank"
     results["default_mode"] = default
     results["default"] = results["modes"].get(default, {})
     with_answers = [q for q in questions if q.answer]
