@@ -692,7 +692,7 @@ class RagIndexConfig:
     candidates: Count = 50  # retrieved cheaply, then reranked down to top_k
     answer_mode: Literal["extractive", "generative"] = "extractive"
     generator: Text = "champion"  # champion (registry alias) | smollm2 | a local causal-LM dir
-    min_support: Annotated[float, Range(ge=-1, le=1)] = 0.45  # below: "I don't know"
+    min_support: Annotated[float, Range(ge=-1, le=1)] = 0.35  # best sentence cosine below: "I don't know"
     context_tokens: Count = 768  # the generator's evidence budget
 
     def cross_check(self) -> Iterator[tuple[str, str]]:

@@ -57,6 +57,7 @@ LEXICAL_WEIGHT = 0.1
 # Sentences shorter than this (headings, table cells) are only answer candidates when a passage
 # has nothing longer: they match questions well by cosine but answer nothing.
 MIN_SENTENCE_WORDS = 3
+FOLLOW_MARGIN = 0.1  # a second quoted sentence scores at most this much below the best
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9_+#-]*(?:\.[a-z0-9_+#-]+)*")
 _STOP_WORDS = frozenset(
@@ -205,12 +206,20 @@ def _score(
     return sorted(candidates, key=lambda c: (-c.score, c.passage, c.position))
 
 
-def _pick(candidates: Sequence[_Candidate], count: int, min_support: float) -> list[_Candidate]:
-    """The best ``count`` distinct sentences whose cosine reaches ``min_support``."""
+def _pick(
+    candidates: Sequence[_Candidate], count: int, min_support: float, follow_margin: float = FOLLOW_MARGIN
+) -> list[_Candidate]:
+    """The best ``count`` distinct sentences whose cosine reaches ``min_support``.
+
+    A sentence after the first must also score within ``follow_margin`` of the best: a
+    clearly weaker second sentence (often the section heading) adds noise, not support.
+    """
     picked: list[_Candidate] = []
     seen: set[str] = set()
     for candidate in candidates:
         key = " ".join(candidate.sentence.lower().split())
+        if picked and candidate.score < picked[0].score - follow_margin:
+            break
         if candidate.cosine < min_support or key in seen:
             continue
         seen.add(key)
@@ -227,6 +236,7 @@ def extractive_answer(
     *,
     max_sentences: int = 2,
     min_support: float = 0.45,
+    follow_margin: float = FOLLOW_MARGIN,
 ) -> Answer:
     """Quote the evidence sentences that best answer ``question``, each with its ``[n]`` marker.
 
@@ -240,7 +250,7 @@ def extractive_answer(
     guarded, flagged = guard_evidence(evidence)
     candidates = _score(question, guarded, embed)
     support = max((c.cosine for c in candidates), default=0.0)
-    picked = _pick(candidates, max_sentences, min_support)
+    picked = _pick(candidates, max_sentences, min_support, follow_margin)
     if not picked:
         return _refusal(flagged, "extractive", support)
     numbers: dict[int, int] = {}

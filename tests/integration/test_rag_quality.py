@@ -72,12 +72,6 @@ def _overlap(a: str, b: str) -> str:
     return ""
 
 
-@pytest.mark.xfail(
-    reason="components/rag/chunking.py TokenCounter.windows(): a window may start inside a word "
-    "('...Desiva' -> 'iva is the capital'), and the slice then re-tokenizes to more pieces than the "
-    "window held (33 > 32 tokens for climate-almanac.docx and history-of-six-capitals.pdf)",
-    strict=True,
-)
 def test_fixed_chunks_never_exceed_chunk_tokens(elements, counter):
     for name in PARSED:
         chunks = chunk_elements(name, elements[name], ChunkingConfig("fixed", 32, 8), counter)
@@ -104,7 +98,7 @@ def test_fixed_chunks_take_the_page_and_section_where_they_start(elements, count
     )
     assert [c.page for c in chunks] == sorted(c.page for c in chunks) and {c.page for c in chunks} == {1, 2}
     vapage = chunks[-1]  # it starts inside the last heading, which is on page 2
-    assert "Vapage is the youngest" in vapage.text
+    assert vapage.text.endswith("was opened in 1923.")
     assert (vapage.page, vapage.section) == (2, "Vapage, capital of Rapaluel")
     pages: dict[str, set[int]] = {}
     for chunk in chunks:
@@ -125,13 +119,6 @@ def test_by_title_keeps_each_heading_with_its_text(elements, counter):
     assert all(counter.count(c.text) <= 128 for c in chunks)
 
 
-@pytest.mark.xfail(
-    reason="components/rag/chunking.py _by_title(): chunk_by_title is called without "
-    "combine_text_under_n_chars=0, so short sections are merged into one chunk (Numiand, Ripoor, "
-    "Vifoand and Liroroia in one) and every piece gets the first section's name: the Kota text is "
-    "labelled 'Numiand and its capital Ligete'",
-    strict=True,
-)
 def test_by_title_starts_a_chunk_at_every_heading_and_names_its_section(elements, counter):
     chunks = chunk_elements("t.md", elements["travel-guide.md"], ChunkingConfig("by_title", 128, 16), counter)
     for chunk in chunks:

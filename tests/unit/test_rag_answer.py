@@ -139,9 +139,25 @@ def test_extractive_numbers_passages_in_order_of_first_use() -> None:
     rail_sentence = "The Blue Heron train leaves Lubaa at 07:40 every morning."
     assert cosine(question, proxy_sentence) > cosine(question, rail_sentence) >= 0.3
     # RAIL is retrieved first, but PROXY's sentence scores best, so PROXY becomes [1].
-    answer = extractive_answer(question, [RAIL, PROXY], fake_embed, max_sentences=2, min_support=0.3)
+    answer = extractive_answer(
+        question, [RAIL, PROXY], fake_embed, max_sentences=2, min_support=0.3, follow_margin=1.0
+    )
     assert answer.answer == f"{proxy_sentence} [1] {rail_sentence} [2]"
     assert [(c.number, c.chunk_id) for c in answer.citations] == [(1, "c-proxy"), (2, "c-rail")]
+
+
+def test_extractive_drops_a_second_sentence_far_below_the_best() -> None:
+    question = "When does the Blue Heron train leave and which port does the proxy server listen on?"
+    proxy_sentence = "The proxy server listens on port 8080 by default."
+    gap = cosine(question, proxy_sentence) - cosine(
+        question, "The Blue Heron train leaves Lubaa at 07:40 every morning."
+    )
+    assert gap > 0.01
+    answer = extractive_answer(
+        question, [RAIL, PROXY], fake_embed, max_sentences=2, min_support=0.3, follow_margin=gap / 2
+    )
+    assert answer.answer == f"{proxy_sentence} [1]"
+    assert [c.chunk_id for c in answer.citations] == ["c-proxy"]
 
 
 def test_extractive_prefers_higher_ranked_evidence_on_ties_and_never_repeats() -> None:

@@ -306,11 +306,6 @@ def test_format_eval_prints_one_row_per_mode():
     assert lines[-1].startswith("answers (2 with an expected answer): answer contains it 0.500")
 
 
-@pytest.mark.xfail(
-    reason="flows/rag_cli.py read_batch() opens the file as UTF-8 text, so a bad byte raises "
-    "UnicodeDecodeError (a traceback) instead of 'FILE:LINE: not valid UTF-8'; open it in binary",
-    strict=True,
-)
 def test_read_batch_names_the_line_of_a_bad_byte(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_bytes(b'{"id": 1, "question": "fine"}\n{"id": 2, "question": "caf\xe9?"}\n')

@@ -86,12 +86,6 @@ def test_a_relevant_file_after_the_cutoff_does_not_count():
     assert score_ranking(files[1:], ["docs/late"])["recall_at_10"] == 1.0  # now at rank 10
 
 
-@pytest.mark.xfail(
-    reason="components/rag/evaluation.py score_ranking(): recall counts ranked files that match any "
-    "relevant path, so two indexed files matching one relevant path ('guide.md' matches v1/guide.md "
-    "and v2/guide.md) give recall 2.0 and nDCG > 1; count the relevant paths found instead",
-    strict=True,
-)
 def test_metrics_stay_within_0_and_1_when_two_files_match_one_relevant_path():
     scores = score_ranking(["docs/v1/guide.md", "docs/v2/guide.md"], ["guide.md"])
     assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
@@ -193,12 +187,6 @@ def test_read_questions_missing_or_empty_file(tmp_path):
         read_questions(str(tmp_path / "empty.jsonl"))
 
 
-@pytest.mark.xfail(
-    reason="components/rag/evaluation.py read_questions() (and flows/rag_cli.py read_batch()) open the "
-    "file as UTF-8 text, so a bad byte raises UnicodeDecodeError (a traceback in the CLI) instead of "
-    "parse_jsonl_lines' 'FILE:LINE: not valid UTF-8'; open it in binary ('rb') as iter_jsonl does",
-    strict=True,
-)
 def test_read_questions_names_the_line_of_a_bad_byte(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_bytes(
