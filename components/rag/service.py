@@ -250,9 +250,10 @@ def evaluate(
     if with_answers:
         answered = evidence_hit = refused = 0
         opts = retrieval_options(cfg)
+        default_reranker = reranker if cfg.rerank else None  # answers use the default configuration
         for q in with_answers:
             result, hits = answer(
-                q.question, store, embedder, opts, reranker=reranker, min_support=cfg.min_support
+                q.question, store, embedder, opts, reranker=default_reranker, min_support=cfg.min_support
             )
             answered += contains_answer(result.answer, q.answer or "")
             evidence_hit += any(contains_answer(h.text, q.answer or "") for h in hits)

@@ -204,3 +204,29 @@ def test_serve_without_api_url_starts_and_stops_its_own_server(project: Path, tm
         _stop(serve, signal.SIGINT)
     assert serve.returncode is not None
     assert not _healthy(url), "the local server outlived `posttrain serve`"
+
+
+def test_served_rag_refresh_runs_on_its_own_schedule(server: dict[str, str], project: Path) -> None:
+    """``posttrain serve --flow rag-refresh``: a separate deployment that re-indexes the docs."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["rag_reranker"]["enabled"] = False  # keep the scheduled run short; training is tested elsewhere
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = project.parent / "serve-rag.log"
+    serve = _popen(
+        [str(BIN / "posttrain"), "serve", "--flow", "rag-refresh", "--interval", "10", "--name", "t-rag"],
+        project,
+        server,
+        log,
+    )
+    try:
+        _wait_for_completed_run(server, "rag-refresh/t-rag", [serve])
+    except AssertionError:
+        print(log.read_text()[-4000:])
+        raise
+    finally:
+        _stop(serve, signal.SIGINT)
+    assert (project / "data/rag/milvus.db").is_dir()
+    assert (project / "metrics/rag_eval.json").is_file()
+    assert _deployment(server, "rag-refresh/t-rag").parameters == {"repo_dir": str(project.resolve())}
