@@ -85,6 +85,10 @@ Search modes:
   sparse  BM25 over the chunk text: finds exact names, codes and numbers (no model load)
   hybrid  both, fused with reciprocal rank fusion (rag_index.rrf_k) or weighted: the default
 
+With rag_index.expansion: prf (the default) the question is searched twice: the terms the
+first hits share extend the BM25 query and their vectors pull the question's (pseudo-relevance
+feedback, no generator needed); rag_index.expansion: none searches once.
+
 With --rerank, rag_index.candidates hits are retrieved and the cross-encoder trained by the
 rag_reranker stage reranks them down to --top-k (default: rag_index.rerank, off: on real
 manuals it ranked below plain hybrid; see the README).
