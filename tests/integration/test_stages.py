@@ -529,6 +529,39 @@ def test_rag_index_builds_the_pipeline_index(project: Path) -> None:
     assert no_temp_dirs(project / "data")
 
 
+def test_rag_reranker_trains_on_the_index_and_rag_eval_scores_every_mode(project: Path) -> None:
+    """After rag_index: the reranker learns on held-out pairs; rag_eval reports every mode."""
+    from components.rag.rerank import Reranker
+
+    if not (project / "data/rag/milvus.db").is_dir():
+        run_stage("rag_index")
+    metrics, tracker = run_stage("rag_reranker")
+    assert metrics["train_pairs"] > 0 and metrics["eval_queries"] > 0 and metrics["steps"] > 0
+    assert metrics["trained_mrr"] > metrics["untrained_mrr"]  # the pairs it never trained on rank better
+    assert any(k == "train_seconds" for k, _, _ in tracker.metrics) and "seconds" not in metrics
+    out = project / "models/reranker"
+    assert {"config.json", "model.safetensors", "metrics.json", "manifest.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    scores = Reranker(out).scores(
+        "visa fee", ["Lubaa charges no visa fee.", "The night train leaves at 22:40."]
+    )
+    assert scores.shape == (2,)
+
+    report, _ = run_stage("rag_eval")
+    assert set(report["modes"]) == {"dense", "sparse", "hybrid", "hybrid_prf", "hybrid_rerank"}
+    for scores in report["modes"].values():
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        assert scores["recall_at_1"] <= scores["recall_at_5"] <= scores["recall_at_10"]
+    assert report["default_mode"] == "hybrid_prf" and report["default"] == report["modes"]["hybrid_prf"]
+    assert report["modes"]["hybrid"]["recall_at_10"] >= 0.9  # the shipped questions are about these docs
+    assert 0.0 <= report["answers"]["answer_containment"] <= report["answers"]["evidence_containment"] + 1e-9
+    assert "per_question" not in report
+    rows = (project / "plots/rag_eval.csv").read_text().splitlines()
+    assert rows[0] == "id,mode,recall_at_1,mrr_at_10,ndcg_at_10,top_files"
+    assert len(rows) == 1 + report["n_questions"] * len(report["modes"])
+
+
 def test_multimodal_trains_both_bridges_over_the_frozen_sft_policy(project: Path) -> None:
     import subprocess
     import sys
