@@ -187,8 +187,10 @@ def serve(
     """Serve the flow (``post-training`` or ``rag-refresh``) on ``cron`` or every ``interval`` seconds."""
     schedule = validate_schedule(cron, interval)  # before any server starts
     parameters = _parameters(repo_dir, stages, flow_name)
-    flow_obj = _flow(flow_name)
+    if flow_name not in FLOWS:
+        raise PosttrainError(f"--flow {flow_name!r}: choose from {', '.join(FLOWS)}")
     with prefect_server():
+        flow_obj = _flow(flow_name)  # the flow modules import Prefect: only once the server URL is set
         flow_obj.serve(
             name=name,
             **schedule,

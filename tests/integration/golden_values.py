@@ -124,9 +124,9 @@ EVALUATE = {
 # rag_index: the tiny params chunk by_title at 80 tokens (16 overlap); a fresh build adds every chunk.
 RAG_INDEX = {
     "n_documents": 8,
-    "n_chunks": 53,
+    "n_chunks": 63,
     "n_unchanged": 0,
-    "chunks_added": 53,
+    "chunks_added": 63,
     "chunks_updated": 0,
     "chunks_removed": 0,
     "n_pruned_files": 0,

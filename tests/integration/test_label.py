@@ -33,6 +33,9 @@ class Terminal:
     def __init__(self, *args: str) -> None:
         pid, fd = pty.fork()
         if pid == 0:  # the child: the CLI as a user would start it
+            # A shell starts programs with SIGINT at its default; a test process may have inherited
+            # or set SIG_IGN (which the exec would pass on, and Python then keeps ignoring ^C).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.environ["PYTHONPATH"] = str(ROOT)
             os.execv(sys.executable, [sys.executable, "-m", "flows.cli", "label", *args])
         self.pid, self.fd, self.seen = pid, fd, b""

@@ -328,7 +328,7 @@ def test_eval_json_scores_every_mode(in_eval, capsys):
         assert set(scores) == METRICS
         assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
         assert scores["recall_at_1"] <= scores["recall_at_5"] <= scores["recall_at_10"]
-    assert report["default_mode"] == "hybrid" and report["default"] == report["modes"]["hybrid"]
+    assert report["default_mode"] == "hybrid_prf" and report["default"] == report["modes"]["hybrid_prf"]
     # the per-mode figures are the means of the per-question ones
     per_question = report["per_question"]
     assert sorted(per_question) == [f"p{i}" for i in range(len(QUESTIONS))]
@@ -353,7 +353,7 @@ def test_eval_prints_a_row_per_mode(in_eval, capsys):
     )
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"{len(QUESTIONS)} questions; default mode: hybrid"
+    assert lines[0] == f"{len(QUESTIONS)} questions; default mode: hybrid_prf"
     assert lines[2].split() == ["mode", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[3 : 3 + len(MODES)]}
     assert list(rows) == MODES
