@@ -97,11 +97,10 @@ def main() -> None:
     from components.params import load_params
     from components.rag.embedding import get_embedder
     from components.rag.evaluation import read_questions
-    from components.rag.index import ingest
     from components.rag.rerank import get_reranker
     from components.rag.service import evaluate
     from components.rag.store import open_store
-    from tasks.rag_index import chunking_config, index_options
+    from tasks.rag_index import ingest_with_config
     from tasks.rag_reranker import train_on_index
 
     params = load_params(ROOT / "params.yaml")
@@ -118,16 +117,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     with open_store("index/milvus.db", cfg.collection) as store:
         t = time.perf_counter()
-        report = ingest(
-            ["corpus"],
-            store,
-            embedder,
-            chunking=chunking_config(cfg),
-            near_duplicate_threshold=cfg.near_duplicate_threshold,
-            languages=cfg.languages,
-            progress=True,
-            index_options=index_options(cfg),
-        )
+        report = ingest_with_config(cfg, ["corpus"], store, embedder, progress=True)
         seconds["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
         reranker_metrics = train_on_index(store, params.rag_reranker, Path("reranker"))

@@ -20,7 +20,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from components.errors import DataError, MissingInputError, PosttrainError
+from components.errors import MissingInputError, PosttrainError
 from components.params import Params, RagIndexConfig, load_params
 
 PROG = "posttrain rag"
@@ -246,27 +246,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     """``posttrain rag ingest PATH...``"""
     _quiet_known_noise()
     cfg, uri, collection = _resolve(args)
-    from components.rag.index import ingest
     from components.rag.store import open_store
-    from tasks.rag_index import chunking_config, index_options
+    from tasks.rag_index import chunking_config, ingest_with_config
 
-    chunking = chunking_config(cfg)
-    chunking.validate()
+    chunking_config(cfg).validate()
     for path in args.paths:  # before loading anything: a typo should fail in milliseconds
         if not os.path.exists(path):
             raise MissingInputError(f"{path}: no such file or directory")
     with open_store(uri, collection) as store:
         embedder = _load_embedder(cfg.embedding_model)
-        report = ingest(
-            args.paths,
-            store,
-            embedder,
-            chunking=chunking,
-            near_duplicate_threshold=cfg.near_duplicate_threshold,
-            prune=args.prune,
-            languages=cfg.languages,
-            progress=not args.quiet,
-            index_options=index_options(cfg),
+        report = ingest_with_config(
+            cfg, args.paths, store, embedder, prune=args.prune, progress=not args.quiet
         )
         total = store.count()
     if args.json:
@@ -326,16 +316,9 @@ def read_batch(path: str) -> list[tuple[Any, str]]:
 
 def _parse_batch(lines: TextIO | BinaryIO | Iterator[str], name: str) -> list[tuple[Any, str]]:
     from components.data.jsonl import parse_jsonl_lines
+    from components.rag.evaluation import id_and_question
 
-    items: list[tuple[Any, str]] = []
-    for number, record in parse_jsonl_lines(lines, name):
-        if "id" not in record:
-            raise DataError(f'{name}:{number}: missing "id"')
-        question = record.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(f'{name}:{number}: "question" must be a non-empty string')
-        items.append((record["id"], question))
-    return items
+    return [id_and_question(record, f"{name}:{number}") for number, record in parse_jsonl_lines(lines, name)]
 
 
 def _print_readable(hits: Sequence[Any], out: TextIO) -> None:

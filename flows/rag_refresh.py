@@ -15,6 +15,7 @@ index was built from (file hashes recorded per chunk), then:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,7 @@ def compare_docs(repo_dir: str) -> dict[str, list[str]]:
     repo = Path(repo_dir).resolve()
     params = load_params(repo / "params.yaml")
     cfg = params.rag_index
-    cwd = os.getcwd()
-    os.chdir(repo)  # sources are recorded relative to the project root
-    try:
+    with contextlib.chdir(repo):  # sources are recorded relative to the project root
         files, _ = collect_files([cfg.docs_dir])
         uri = _uri(params, repo)
         known: dict[str, str] = {}
@@ -53,8 +52,6 @@ def compare_docs(repo_dir: str) -> dict[str, list[str]]:
             with open_store(uri, cfg.collection) as store:
                 known = store.file_hashes() if store.exists() else {}
         now = {f: file_hash(f) for f in files}
-    finally:
-        os.chdir(cwd)
     return {
         "added": sorted(f for f in now if f not in known),
         "changed": sorted(f for f in now if f in known and known[f] != now[f]),
@@ -67,29 +64,13 @@ def compare_docs(repo_dir: str) -> dict[str, list[str]]:
 def ingest_incremental(repo_dir: str) -> dict[str, Any]:
     """Update a server collection in place (changed files replaced, deleted files pruned)."""
     from components.rag.embedding import get_embedder
-    from components.rag.index import ingest
     from components.rag.store import open_store
-    from tasks.rag_index import chunking_config, index_options
+    from tasks.rag_index import ingest_with_config
 
     repo = Path(repo_dir).resolve()
-    params = load_params(repo / "params.yaml")
-    cfg = params.rag_index
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        with open_store(cfg.uri, cfg.collection) as store:
-            report = ingest(
-                [cfg.docs_dir],
-                store,
-                get_embedder(cfg.embedding_model),
-                chunking=chunking_config(cfg),
-                near_duplicate_threshold=cfg.near_duplicate_threshold,
-                prune=True,
-                languages=cfg.languages,
-                index_options=index_options(cfg),
-            )
-    finally:
-        os.chdir(cwd)
+    cfg = load_params(repo / "params.yaml").rag_index
+    with contextlib.chdir(repo), open_store(cfg.uri, cfg.collection) as store:
+        report = ingest_with_config(cfg, [cfg.docs_dir], store, get_embedder(cfg.embedding_model), prune=True)
     metrics = report.metrics()
     return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 

@@ -78,6 +78,29 @@ def index_options(cfg: RagIndexConfig) -> dict[str, Any]:
     return {"index_type": cfg.index_type, "flat_below": cfg.flat_below}
 
 
+def ingest_with_config(
+    cfg: RagIndexConfig,
+    paths: list[str],
+    store: RagStore,
+    embedder: Any,
+    *,
+    prune: bool = False,
+    progress: bool = False,
+) -> IngestReport:
+    """:func:`ingest` with ``rag_index``'s build settings: the stage, the CLI and the refresh flow agree."""
+    return ingest(
+        paths,
+        store,
+        embedder,
+        chunking=chunking_config(cfg),
+        near_duplicate_threshold=cfg.near_duplicate_threshold,
+        prune=prune,
+        languages=cfg.languages,
+        progress=progress,
+        index_options=index_options(cfg),
+    )
+
+
 def expected_rows(docs_dir: str, cfg: RagIndexConfig) -> int:
     """A size estimate (bytes / chunk size) that picks FLAT or HNSW before anything is chunked."""
     total = sum(p.stat().st_size for p in Path(docs_dir).rglob("*") if p.is_file())
@@ -88,16 +111,7 @@ def _build(cfg: RagIndexConfig, store: RagStore) -> IngestReport:
     embedder = get_embedder(cfg.embedding_model)
     chunking = chunking_config(cfg)
     store.recreate(index_record(embedder, chunking, **index_options(cfg)), expected_rows(cfg.docs_dir, cfg))
-    report = ingest(
-        [cfg.docs_dir],
-        store,
-        embedder,
-        chunking=chunking,
-        near_duplicate_threshold=cfg.near_duplicate_threshold,
-        languages=cfg.languages,
-        progress=True,
-        index_options=index_options(cfg),
-    )
+    report = ingest_with_config(cfg, [cfg.docs_dir], store, embedder, progress=True)
     if report.n_documents == 0:
         reasons = "; ".join(f"{s.source}: {s.reason}" for s in report.skipped[:5]) or "no supported files"
         raise DataError(f"{cfg.docs_dir}: no document could be indexed ({reasons})")

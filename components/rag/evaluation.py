@@ -34,6 +34,16 @@ class Question:
     answer: str | None = None
 
 
+def id_and_question(record: dict[str, Any], where: str) -> tuple[Any, str]:
+    """A question line's ``id`` and ``question`` (also the shape of ``rag query --batch`` lines)."""
+    if "id" not in record:
+        raise DataError(f'{where}: missing "id"')
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f'{where}: "question" must be a non-empty string')
+    return record["id"], question
+
+
 def read_questions(path: str) -> list[Question]:
     """Parse a question file; a bad line names the file and line (nothing is evaluated then)."""
     from components.data.jsonl import parse_jsonl_lines
@@ -44,11 +54,7 @@ def read_questions(path: str) -> list[Question]:
     with open(path, "rb") as fh:  # bytes: a bad byte is "FILE:LINE: not valid UTF-8", not a traceback
         for number, record in parse_jsonl_lines(fh, path):
             where = f"{path}:{number}"
-            if "id" not in record:
-                raise DataError(f'{where}: missing "id"')
-            question = record.get("question")
-            if not isinstance(question, str) or not question.strip():
-                raise DataError(f'{where}: "question" must be a non-empty string')
+            qid, question = id_and_question(record, where)
             relevant = record.get("relevant")
             if (
                 not isinstance(relevant, list)
@@ -59,7 +65,7 @@ def read_questions(path: str) -> list[Question]:
             answer = record.get("answer")
             if answer is not None and not isinstance(answer, str):
                 raise DataError(f'{where}: "answer" must be a string when given')
-            out.append(Question(record["id"], question, tuple(relevant), answer))
+            out.append(Question(qid, question, tuple(relevant), answer))
     if not out:
         raise DataError(f"{path}: no questions")
     return out
