@@ -391,6 +391,11 @@ class RewardModelConfig:
             )
 
 
+# The reward online methods maximise, and the judge of DPO's on-policy rounds
+# (components/training/rewards.py, copied like TASKS above).
+ALIGN_REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
+
+
 @dataclass(frozen=True)
 class DPOConfig:
     """TRL ``DPOTrainer``; ``loss_type: [sigmoid, sft]`` adds an NLL term on chosen (the RPO recipe)."""
@@ -408,8 +413,17 @@ class DPOConfig:
     round_samples: Generations = 8
     round_temperature: Positive = 1.3
     round_max_new_tokens: Count = 12
+    # who grades a later round's samples: the verifier (right vs wrong) or the reward model as a
+    # judge (best vs worst score; ``both`` = verifier + align.rm_weight x rm)
+    round_judge: Annotated[str, OneOf(ALIGN_REWARDS)] = "verifier"
 
     def cross_check(self) -> Iterator[tuple[str, str]]:
+        if self.round_judge != "verifier" and self.rounds < 2:
+            yield (
+                "round_judge",
+                f"grades the re-sampled pairs of rounds 2 and later; with rounds: {self.rounds} it would "
+                "never be used (set align.dpo.rounds >= 2, or leave round_judge: verifier)",
+            )
         if len(self.loss_weights) != len(self.loss_type):
             yield (
                 "loss_weights",
@@ -421,8 +435,6 @@ class DPOConfig:
             yield "loss_type", "'exo_pair' needs label_smoothing > 0, which align.dpo does not set"
 
 
-# The reward online methods maximise (components/training/rewards.py, copied like TASKS above).
-ALIGN_REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
 # GRPOTrainer's loss_type values that need no setting align.grpo does not expose ('luspo' and
 # 'vespo' need importance_sampling_level='sequence').
 GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")

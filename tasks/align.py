@@ -55,6 +55,9 @@ SUMMARY_KEYS = (
     "clipfrac",
     "explained_variance",
     "kl_coef",
+    "round_n_pairs",  # on-policy DPO rounds: the last re-sampling's pairs, ties and judge agreement
+    "round_n_ties",
+    "round_agreement",
 )
 RENAMED = {"reward": "train_reward", "kl": "train_kl"}  # "reward" names align.reward in the metrics
 
@@ -77,8 +80,10 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     policy = require_dir(params.paths.sft_model, "SFT model")
     processed = require_dir(params.paths.processed, "processed data")
     tokenizer = load_tokenizer(policy)
-    rm_dir = params.paths.reward_model if cfg.reward != "verifier" else None
+    judged_rounds = cfg.method == "dpo" and cfg.dpo.round_judge != "verifier"
+    rm_dir = params.paths.reward_model if cfg.reward != "verifier" or judged_rounds else None
     reward = RewardFunction(cfg.reward, rm_dir, cfg.rm_weight)
+    judge = RewardFunction(cfg.dpo.round_judge, rm_dir, cfg.rm_weight) if judged_rounds else None
     held_out = report_prompts(processed, cfg.n_report_prompts)
     if not held_out:
         raise DataError(f"{processed / 'sft_eval.jsonl'}: no held-out prompts for align's report")
@@ -100,10 +105,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
             train, eval_pairs = read_jsonl(prefs / "train.jsonl"), read_jsonl(prefs / "eval.jsonl")
             model, history = train_dpo(
                 cfg, policy, tokenizer, train, eval_pairs, tracker, work, params.compute,
-                prompts=read_jsonl(processed / "preference_prompts.jsonl"),
+                prompts=read_jsonl(processed / "preference_prompts.jsonl"), judge=judge,
             )  # fmt: skip
             metrics |= {"n_train": len(train), "n_eval": len(eval_pairs)}
             inputs["preferences"] = prefs
+            if judge is not None:
+                inputs["reward_model"] = params.paths.reward_model
         else:
             prompts = read_jsonl(processed / "preference_prompts.jsonl")
             if not prompts:
@@ -132,6 +139,8 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
                     log=lambda row, step: tracker.log_metrics(
                         {f"align/{k}": v for k, v in row.items()}, step=step
                     ),
+                    work_dir=work,
+                    checkpoint_steps=params.compute.checkpoint_steps,
                 )
             else:
                 settings = cfg.grpo if cfg.method == "grpo" else cfg.rloo

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 
-from components.data.preferences import build_pairs, trl_columns
+from components.data.preferences import build_pairs, judged_pairs, trl_columns
 from components.errors import DataError
 from components.evaluation.generate import generate
 from components.params import AlignConfig, ComputeConfig, DPOConfig
@@ -27,6 +27,7 @@ from components.peft.adapters import load_policy, load_trainable
 from components.tracking import Tracker
 from components.training.callbacks import TrackerCallback, trainer_args
 from components.training.checkpoints import resume_or_train
+from components.training.rewards import RewardFunction
 
 
 def on_policy_pairs(
@@ -35,11 +36,15 @@ def on_policy_pairs(
     prompts: Sequence[dict[str, str]],
     dpo: DPOConfig,
     seed: int,
+    judge: RewardFunction | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Fresh (right, wrong) pairs sampled from the current policy and graded by the verifier.
+    """Fresh pairs sampled from the current policy and graded by ``align.dpo.round_judge``.
 
-    Only pairs where the policy itself produced both answers: the reference answer never stands
-    in, which is what makes a round on-policy.
+    The verifier (``judge`` None or of kind ``verifier``) pairs a right answer with the most
+    frequent wrong one; the reward model (``rm``, or ``both``) pairs the best-scored answer with
+    the worst, drops ties and repeats, and reports its agreement with the verifier. Only the
+    policy's own answers: the reference answer never stands in, which is what makes a round
+    on-policy.
     """
     samples = generate(
         model,
@@ -50,7 +55,17 @@ def on_policy_pairs(
         num_return_sequences=dpo.round_samples,
         seed=seed,
     )
-    return build_pairs(prompts, samples, reference_as_chosen=False)
+    if judge is None or judge.kind == "verifier":
+        return build_pairs(prompts, samples, reference_as_chosen=False)
+    flat = judge(
+        [rec for rec, outs in zip(prompts, samples, strict=True) for _ in outs],
+        [text for outs in samples for text in outs],
+    )
+    scores, start = [], 0
+    for outs in samples:
+        scores.append(flat[start : start + len(outs)])
+        start += len(outs)
+    return judged_pairs(prompts, samples, scores)
 
 
 def train_dpo(
@@ -63,14 +78,16 @@ def train_dpo(
     work_dir: Path,
     compute: ComputeConfig | None = None,
     prompts: Sequence[dict[str, str]] = (),
+    judge: RewardFunction | None = None,
 ) -> tuple[PeftModel, list[dict[str, float]]]:
     """Align the policy at ``policy_dir`` on preference pairs; (adapter model, history).
 
     ``align.dpo.rounds > 1`` is iterated on-policy DPO: after each round the current policy
-    samples ``round_samples`` answers for each of ``prompts`` (the first ``round_prompts``), the
-    verifier grades them, and the next round trains the same adapter on those fresh pairs. The
-    reference stays the SFT policy (the adapter disabled). A round that finds no pair (the policy
-    is all right or all wrong on every prompt) ends the loop early.
+    samples ``round_samples`` answers for each of ``prompts`` (the first ``round_prompts``),
+    ``judge`` grades them (the verifier when None; see :func:`on_policy_pairs`), and the next
+    round trains the same adapter on those fresh pairs. The reference stays the SFT policy (the
+    adapter disabled). A round that finds no pair (with the verifier: the policy is all right or
+    all wrong on every prompt) ends the loop early.
     """
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
@@ -87,11 +104,12 @@ def train_dpo(
     for round_no in range(1, dpo.rounds + 1):
         if round_no > 1:
             pairs, stats = on_policy_pairs(
-                model, tokenizer, prompts[: dpo.round_prompts], dpo, cfg.seed + round_no
+                model, tokenizer, prompts[: dpo.round_prompts], dpo, cfg.seed + round_no, judge
             )
             tracker.log_metrics({f"align/round_{k}": float(v) for k, v in stats.items()}, step=offset)
             history.append(
-                {"step": float(offset), "round": float(round_no), "round_pairs": float(len(pairs))}
+                {"step": float(offset), "round": float(round_no)}
+                | {f"round_{k}": float(v) for k, v in stats.items()}
             )
             if not pairs:
                 break

@@ -18,6 +18,10 @@ The whole algorithm, top to bottom:
    the policy, the clipped value loss on the head (weight ``vf_coef``), one AdamW over both.
 6. **Control.** The adaptive KL controller moves ``kl_coef`` so the measured KL tracks
    ``target_kl``.
+7. **Resume.** Every ``checkpoint_steps`` steps the whole loop state (trainable weights, value
+   head, optimizer, KL coefficient, data order and RNG states) is saved to ``work_dir``; a
+   re-run with the same ``work_dir`` continues after the newest complete checkpoint and ends at
+   the weights an uninterrupted run reaches.
 
 The maths lives in small pure functions (:func:`compute_gae`, :func:`policy_loss`,
 :func:`value_loss`, :func:`per_token_rewards`, :class:`AdaptiveKLController`), each tested on
@@ -26,10 +30,14 @@ hand-computed cases in ``tests/unit/test_ppo.py``.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from components.evaluation.generate import left_pad
 from components.params import PPOConfig
+from components.training.checkpoints import last_checkpoint
 
 # (prompt records, response texts) -> one score per response
 ScoreFn = Callable[[Sequence[dict[str, str]], Sequence[str]], Sequence[float]]
@@ -366,6 +375,38 @@ def ppo_update(
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
+# --------------------------------------------------------------------------- resume
+
+CHECKPOINT_STATE = "ppo_state.pt"
+
+
+def save_checkpoint(work_dir: Path, step: int, model: nn.Module, state: dict[str, Any]) -> None:
+    """``work_dir/checkpoint-<step>``: the loop state, then ``trainer_state.json`` last.
+
+    The marker file is what :func:`~components.training.checkpoints.last_checkpoint` takes as
+    "complete", so a kill mid-write leaves the previous checkpoint the one resumed from; only
+    after the new one is complete is the previous one deleted.
+    """
+    path = work_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, **state}, path / CHECKPOINT_STATE)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for old in work_dir.glob("checkpoint-*"):
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Copy the saved trainable tensors into ``model``; the rest of the saved loop state."""
+    state = torch.load(path / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.pop("trainable").items():
+            params[name].copy_(tensor)
+    return state
+
+
 def train_ppo(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -376,11 +417,14 @@ def train_ppo(
     peft_config: object,
     seed: int = 0,
     log: Callable[[dict[str, float], int], None] | None = None,
+    work_dir: Path | None = None,
+    checkpoint_steps: int = 0,
 ) -> tuple[PeftModel, list[dict[str, float]]]:
     """Run PPO on ``policy`` (wrapped in ``peft_config``); the trained adapter model and the history.
 
     ``records[i]`` is the prompt record ``score_fn`` grades (it holds the reference answer),
     ``prompt_ids[i]`` its chat-formatted token ids. Each step draws ``batch_size`` of them.
+    With ``work_dir`` and ``checkpoint_steps > 0`` the run checkpoints and resumes (step 7 above).
     """
     s = settings
     if not records:
@@ -400,8 +444,17 @@ def train_ppo(
     kl_ctl = AdaptiveKLController(s.init_kl_coef, s.target_kl or None, s.kl_horizon)
     history: list[dict[str, float]] = []
     order = torch.randperm(len(records), generator=generator).tolist()
-    cursor = 0
-    for step in tqdm(range(1, s.steps + 1), desc="ppo", unit="step"):
+    cursor, done = 0, 0
+    resume = last_checkpoint(work_dir) if work_dir is not None else None
+    if resume:
+        print(f"resuming from {resume}", flush=True)
+        state = load_checkpoint(Path(resume), model)
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        order, cursor, done, history = state["order"], state["cursor"], state["step"], state["history"]
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    for step in tqdm(range(done + 1, s.steps + 1), desc="ppo", unit="step", initial=done, total=s.steps):
         start = time.perf_counter()
         if cursor + s.batch_size > len(order):
             order, cursor = torch.randperm(len(records), generator=generator).tolist(), 0
@@ -433,4 +486,20 @@ def train_ppo(
         history.append(row)
         if log is not None:
             log({k: v for k, v in row.items() if k != "step"}, step)
+        if work_dir is not None and checkpoint_steps and step % checkpoint_steps == 0 and step < s.steps:
+            save_checkpoint(
+                work_dir,
+                step,
+                model,
+                {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "kl_coef": kl_ctl.value,
+                    "order": order,
+                    "cursor": cursor,
+                    "history": history,
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
     return peft_model, history

@@ -247,3 +247,31 @@ def test_dpo_rounds_resample_on_policy_pairs_and_continue_one_adapter(project: P
     # the tiny test policy is wrong on every sample, so round 2 finds no pair and the loop ends
     assert pairs == 0 and all_wrong == 24
     check_adapter_over_sft(project)
+
+
+def test_dpo_rounds_judged_by_the_reward_model(project: Path) -> None:
+    """round_judge: rm pairs answers the verifier cannot split (the tiny policy is always wrong)."""
+    set_align(
+        project,
+        method="dpo",
+        reward="verifier",
+        dpo={
+            "rounds": 2, "round_prompts": 24, "round_samples": 4, "round_max_new_tokens": 6, "epochs": 1,
+            "round_judge": "rm",
+        },
+    )  # fmt: skip
+    try:
+        metrics, tracker = run_stage("align")
+    finally:
+        set_align(project, dpo={"rounds": 1, "round_judge": "verifier"})
+    (pairs,) = tracker.series("align/round_n_pairs")
+    (ties,) = tracker.series("align/round_n_ties")
+    (one_answer,) = tracker.series("align/round_n_prompts_one_answer")
+    # every prompt with two distinct answers gives a pair unless the RM scores them equal
+    assert pairs > 0 and pairs + ties + one_answer == 24
+    assert metrics["round_n_pairs"] == pairs and "round_agreement" in metrics
+    assert not tracker.series("align/round_n_pairs_reference"), "judged rounds use no reference answers"
+    losses = [step for key, _, step in tracker.metrics if key == "align/loss"]
+    resampled_at = next(step for key, _, step in tracker.metrics if key == "align/round_n_pairs")
+    assert max(losses) > resampled_at, "round 2 trained on the judged pairs"
+    check_adapter_over_sft(project)

@@ -23,12 +23,30 @@ from tests.conftest import make_project
 
 pytestmark = pytest.mark.slow
 
-# stage -> (upstream stages, params overrides that give it enough steps to be killed mid-way)
+# case -> (stage, upstream stages, params overrides that give it enough steps to be killed mid-way,
+# the saved weights file). Trainer-based stages checkpoint through Trainer; PPO is our own loop.
+PPO = {"steps": 40, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 6}
 CASES = {
-    "sft": ((), {"sft": {"epochs": 8}}),
-    "align": (("sft", "preferences"), {"align": {"method": "dpo", "dpo": {"epochs": 8, "batch_size": 4}}}),
+    "sft": ("sft", (), {"sft": {"epochs": 8}}, "models/sft/adapter_model.safetensors"),
+    "reward_model": (
+        "reward_model",
+        ("sft", "preferences"),
+        {"reward_model": {"epochs": 8, "batch_size": 4}},
+        "models/reward_model/model.safetensors",
+    ),
+    "align-dpo": (
+        "align",
+        ("sft", "preferences"),
+        {"align": {"method": "dpo", "dpo": {"epochs": 8, "batch_size": 4}}},
+        "models/aligned/adapter_model.safetensors",
+    ),
+    "align-ppo": (
+        "align",
+        ("sft", "preferences", "reward_model"),
+        {"align": {"method": "ppo", "ppo": PPO}},
+        "models/aligned/adapter_model.safetensors",
+    ),
 }
-OUTPUT = {"sft": "models/sft", "align": "models/aligned"}
 
 
 def _stage(project: Path, stage: str, **kw) -> subprocess.Popen:
@@ -45,13 +63,9 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def _weights(project: Path, stage: str) -> dict[str, torch.Tensor]:
-    return load_file(str(project / OUTPUT[stage] / "adapter_model.safetensors"))
-
-
-@pytest.mark.parametrize("stage", sorted(CASES))
-def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, stage: str) -> None:
-    upstream, overrides = CASES[stage]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, case: str) -> None:
+    stage, upstream, overrides, weights_file = CASES[case]
     project = make_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["compute"]["checkpoint_steps"] = 5
@@ -66,13 +80,13 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, sta
         _finish(_stage(project, name))
 
     _finish(_stage(project, stage))
-    uninterrupted = _weights(project, stage)
+    uninterrupted = load_file(str(project / weights_file))
     checkpoints = project / ".posttrain/checkpoints" / stage
     assert not checkpoints.exists() or not any(checkpoints.iterdir()), "a finished stage keeps no checkpoints"
 
     proc = _stage(project, stage)
     deadline = time.monotonic() + 600
-    while not list(checkpoints.glob("**/checkpoint-*/trainer_state.json")):  # align/dpo: <key>/round-N/
+    while not list(checkpoints.glob("**/checkpoint-*/trainer_state.json")):  # dpo: <key>/round-N/
         assert proc.poll() is None, "the stage finished before a checkpoint could be killed into"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -83,7 +97,7 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, sta
 
     out = _finish(_stage(project, stage))
     assert "resuming from" in out and "checkpoint-" in out
-    resumed = _weights(project, stage)
+    resumed = load_file(str(project / weights_file))
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

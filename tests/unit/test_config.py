@@ -547,6 +547,18 @@ NONSENSE = [
     ),
     ("align.dpo.loss_weights", [1.0, -1.0], "align.dpo.loss_weights[1]", r"must be >= 0, got -1\.0"),
     ("align.dpo.loss_weights", [0, 0], "align.dpo.loss_weights", r"at least one weight must be > 0"),
+    (
+        "align.dpo.round_judge",
+        "human",
+        "align.dpo.round_judge",
+        r"expected one of \['verifier', 'rm', 'both'\]",
+    ),
+    (
+        "align.dpo.round_judge",
+        "rm",
+        "align.dpo.round_judge",
+        r"grades the re-sampled pairs of rounds 2 and later; with rounds: 1 it",
+    ),
     # compress and evaluate
     ("compress.n_fidelity_prompts", 0, "compress.n_fidelity_prompts", r"must be >= 1"),
     ("compress.method", "int3", "compress.method", r"expected one of \['int8_weight', "),
