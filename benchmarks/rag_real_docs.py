@@ -90,6 +90,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", default="/tmp/posttrain-real-docs", help="scratch directory")
+    parser.add_argument(
+        "--multi-query",
+        metavar="MODEL",
+        help="also score hybrid + multi-query expansion, rewriting with this generator "
+        "(e.g. smollm2-135m-instruct)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the index and reranker already in --work (and the ingest/reranker figures of the "
+        "last results.json); only re-run the evaluation",
+    )
     args = parser.parse_args()
     import torch
 
@@ -98,7 +110,7 @@ def main() -> None:
     from components.rag.embedding import get_embedder
     from components.rag.evaluation import read_questions
     from components.rag.rerank import get_reranker
-    from components.rag.service import evaluate
+    from components.rag.service import evaluate, load_generator, make_rewriter
     from components.rag.store import open_store
     from tasks.rag_index import ingest_with_config
     from tasks.rag_reranker import train_on_index
@@ -111,21 +123,37 @@ def main() -> None:
     n_files = build_corpus(work / "corpus")
     print(f"corpus: {n_files} files in {work / 'corpus'}", file=sys.stderr)
     os.chdir(work)  # sources are recorded as corpus/..., as the questions name them
-    shutil.rmtree("index", ignore_errors=True)
-    shutil.rmtree("reranker", ignore_errors=True)
+    previous = json.loads((HERE / "results.json").read_text()) if args.reuse else {}
+    if not args.reuse:
+        shutil.rmtree("index", ignore_errors=True)
+        shutil.rmtree("reranker", ignore_errors=True)
     embedder = get_embedder(cfg.embedding_model)
-    seconds: dict[str, float] = {}
+    rewriter = None
+    if args.multi_query:
+        generate, _ = load_generator(args.multi_query)
+        rewriter = make_rewriter(generate, cfg.expansion_queries)
+    seconds: dict[str, float] = dict(previous.get("seconds", {}))
     with open_store("index/milvus.db", cfg.collection) as store:
+        if args.reuse:
+            ingest_metrics, reranker_metrics = previous["ingest"], previous["reranker"]
+        else:
+            t = time.perf_counter()
+            ingest_metrics = ingest_with_config(cfg, ["corpus"], store, embedder, progress=True).metrics()
+            seconds["ingest"] = time.perf_counter() - t
+            t = time.perf_counter()
+            reranker_metrics = train_on_index(store, params.rag_reranker, Path("reranker"))
+            seconds["reranker"] = time.perf_counter() - t
         t = time.perf_counter()
-        report = ingest_with_config(cfg, ["corpus"], store, embedder, progress=True)
-        seconds["ingest"] = time.perf_counter() - t
-        t = time.perf_counter()
-        reranker_metrics = train_on_index(store, params.rag_reranker, Path("reranker"))
-        seconds["reranker"] = time.perf_counter() - t
-        t = time.perf_counter()
-        result = evaluate(questions, store, embedder, cfg, reranker=get_reranker("reranker"), progress=True)
+        result = evaluate(
+            questions,
+            store,
+            embedder,
+            cfg,
+            reranker=get_reranker("reranker"),
+            progress=True,
+            rewriter=rewriter,
+        )
         seconds["eval"] = time.perf_counter() - t
-    ingest_metrics = report.metrics()
     (HERE / "results.json").write_text(
         json.dumps(
             {

@@ -696,7 +696,11 @@ class RagIndexConfig:
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: Count = 10  # small k: the top of each list counts most (measured best on real manuals, README)
     dense_weight: Annotated[float, Range(ge=0, le=1)] = 0.5  # weighted fusion; sparse gets 1 - this
-    expansion: Literal["none", "prf"] = "prf"  # pseudo-relevance feedback (no generator needed); none
+    # prf: pseudo-relevance feedback (no generator needed); multi_query: `generator` rewrites the
+    # question expansion_queries ways and writes one hypothetical answer (HyDE), each is searched
+    # and the lists are fused (RRF); none
+    expansion: Literal["none", "prf", "multi_query"] = "prf"
+    expansion_queries: Annotated[int, Range(ge=1, le=8)] = 3
     # rerank candidates with the cross-encoder by default? Off: on the real-docs benchmark the
     # self-trained reranker ranks below plain hybrid (README); --rerank turns it on per query.
     rerank: bool = False

@@ -87,7 +87,10 @@ Search modes:
 
 With rag_index.expansion: prf (the default) the question is searched twice: the terms the
 first hits share extend the BM25 query and their vectors pull the question's (pseudo-relevance
-feedback, no generator needed); rag_index.expansion: none searches once.
+feedback, no generator needed); rag_index.expansion: none searches once; multi_query asks the
+generator (rag_index.generator, or --generator) for rag_index.expansion_queries other wordings
+and one hypothetical answer passage (HyDE), searches each and fuses the lists with RRF; the
+queries it searched are printed on stderr.
 
 With --rerank, rag_index.candidates hits are retrieved and the cross-encoder trained by the
 rag_reranker stage reranks them down to --top-k (default: rag_index.rerank, off: on real
@@ -357,9 +360,28 @@ class _Session:
             self.reranker = (
                 service.load_reranker(self.cfg, self.params.paths.reranker, rerank) if need_embedder else None
             )
+            self._generator: Any = None
+            self.expansion = getattr(args, "expansion", None) or self.cfg.expansion
+            self.rewriter = None
+            if self.expansion == "multi_query":  # the generator loads once the index is known to be fine
+                generate, _ = self.generator(getattr(args, "generator", None) or self.cfg.generator)
+                rewrite = service.make_rewriter(generate, self.cfg.expansion_queries)
+
+                def shown(question: str) -> list[str]:  # the user sees what was searched
+                    queries = rewrite(question)
+                    print(f"multi_query: {' | '.join(queries) or '(no usable rewrite)'}", file=sys.stderr)
+                    return queries
+
+                self.rewriter = shown
         except BaseException:
             self.close()
             raise
+
+    def generator(self, name: str) -> Any:
+        """The generator named (champion, bundled, or a directory), loaded once per command."""
+        if self._generator is None:
+            self._generator = _generator(name, self.params)
+        return self._generator
 
     def close(self) -> None:
         self._store_cm.__exit__(None, None, None)
@@ -389,9 +411,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     if mode == "sparse" and args.rerank is None:
         args.rerank = False  # sparse alone means "no model load"; --rerank turns it back on
     with _Session(args, need_embedder=mode != "sparse" or bool(args.rerank)) as session:
-        opts = retrieval_options(session.cfg, mode=mode, top_k=args.top_k, filter=session.filter)
+        opts = retrieval_options(
+            session.cfg, mode=mode, top_k=args.top_k, filter=session.filter, expansion=session.expansion
+        )
         results = [
-            retrieve(session.store, session.embedder, question, opts, reranker=session.reranker)
+            retrieve(
+                session.store,
+                session.embedder,
+                question,
+                opts,
+                reranker=session.reranker,
+                rewriter=session.rewriter,
+            )  # fmt: skip
             for _, question in items
         ]
     if args.batch:
@@ -439,8 +470,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         mode = args.mode or cfg.answer_mode
         generator = None
         if mode == "generative":
-            generator = _generator(args.generator or cfg.generator, session.params)
-        opts = service.retrieval_options(cfg, top_k=args.top_k, filter=session.filter)
+            generator = session.generator(args.generator or cfg.generator)
+        opts = service.retrieval_options(
+            cfg, top_k=args.top_k, filter=session.filter, expansion=session.expansion
+        )
         result, _ = service.answer(
             question,
             session.store,
@@ -451,6 +484,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             min_support=cfg.min_support,
             generator=generator,
             context_tokens=cfg.context_tokens,
+            rewriter=session.rewriter,
         )
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
@@ -484,6 +518,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             # the hybrid + rerank row whenever a reranker exists; rag_index.rerank picks the default
             reranker=service.find_reranker(session.cfg, session.params.paths.reranker, warn=False),
             progress=not args.json,
+            rewriter=session.rewriter,  # --expansion multi_query adds the hybrid_multi_query row
         )
         if not args.no_mlflow:
             log_eval_to_mlflow(session.params, report, args.questions)
@@ -553,6 +588,15 @@ def _add_retrieval_options(parser: argparse.ArgumentParser) -> None:
         help="rerank rag_index.candidates hits with the trained cross-encoder "
         "(default: rag_index.rerank, off)",
     )
+    group.add_argument(
+        "--expansion",
+        choices=("none", "prf", "multi_query"),
+        default=None,
+        help="query expansion: prf (pseudo-relevance feedback), multi_query (the generator rewrites "
+        "the question rag_index.expansion_queries ways and writes a hypothetical answer; lists fused "
+        "by RRF) or none "
+        "(default: rag_index.expansion, prf)",
+    )
 
 
 def add_rag_parser(subparsers: Any) -> None:
@@ -617,6 +661,12 @@ def add_rag_parser(subparsers: Any) -> None:
         "--json", action="store_true", help='print {"hits": [...]} as JSON (implied by --batch)'
     )
     _add_store_options(query)
+    query.add_argument(
+        "--generator",
+        metavar="MODEL",
+        help="--expansion multi_query's rewriter: champion, a bundled name or a directory "
+        "(default: rag_index.generator)",
+    )
     _add_retrieval_options(query)
     query.set_defaults(func=cmd_query)
 
@@ -664,6 +714,19 @@ def add_rag_parser(subparsers: Any) -> None:
     evaluate.add_argument("questions", metavar="QUESTIONS", help="JSON-lines question file")
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
+    evaluate.add_argument(
+        "--expansion",
+        choices=("none", "prf", "multi_query"),
+        default=None,
+        help="multi_query adds a hybrid_multi_query row (the generator rewrites each question); every "
+        "other mode is always scored (default: rag_index.expansion)",
+    )
+    evaluate.add_argument(
+        "--generator",
+        metavar="MODEL",
+        help="the multi_query rewriter: champion, a bundled name or a directory "
+        "(default: rag_index.generator)",
+    )
     _add_store_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -2,9 +2,10 @@
 
 Runs ``posttrain rag eval`` (:func:`components.rag.service.evaluate`) on ``rag_eval.questions``
 against the ``rag_index`` output, with the ``rag_reranker`` model when it exists: file-level
-recall@1/5/10, MRR@10 and nDCG@10 for dense, sparse, hybrid, hybrid + PRF and hybrid + rerank,
-and answer containment of the extractive answers. ``metrics/rag_eval.json`` holds the per-mode
-table (DVC compares it across commits); the per-question ranks go to ``plots/rag_eval.csv``.
+recall@1/5/10, MRR@10 and nDCG@10 for dense, sparse, hybrid, hybrid + PRF and hybrid + rerank
+(and hybrid + multi-query when ``rag_index.expansion: multi_query``), and answer containment
+of the extractive answers. ``metrics/rag_eval.json`` holds the per-mode table (DVC compares it
+across commits); the per-question ranks go to ``plots/rag_eval.csv``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from components.artifacts import write_text_atomic
 from components.config import to_dict
+from components.errors import ConfigError
 from components.params import Params
 from components.rag import service
 from components.rag.embedding import get_embedder
@@ -33,6 +35,8 @@ QUERY_KEYS = (
     "rrf_k",
     "dense_weight",
     "expansion",
+    "expansion_queries",
+    "generator",
     "reranker",
     "candidates",
     "min_support",
@@ -68,9 +72,21 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     # the hybrid + rerank row is measured whenever the trained reranker exists; rag_index.rerank
     # only decides whether it is the default
     reranker = service.find_reranker(cfg, params.paths.reranker)
+    rewriter = None
+    if cfg.expansion == "multi_query":
+        if cfg.generator == "champion":  # the registry is not a file DVC can list as a dependency
+            raise ConfigError(
+                "rag_index.generator: the rag_eval stage rewrites questions with a bundled model or a "
+                "model directory, not the registry's champion (set it to smollm2-135m-instruct or a "
+                "path; `posttrain rag eval --expansion multi_query` can use the champion)"
+            )
+        generate, _ = service.load_generator(cfg.generator)
+        rewriter = service.make_rewriter(generate, cfg.expansion_queries)
     with open_store(cfg.uri, cfg.collection) as store:
         store.check_compatible({"embedding_model": embedder.name, "dim": embedder.dim})
-        report = service.evaluate(questions, store, embedder, cfg, reranker=reranker, progress=True)
+        report = service.evaluate(
+            questions, store, embedder, cfg, reranker=reranker, progress=True, rewriter=rewriter
+        )
     write_text_atomic(Path(params.paths.plots) / PER_QUESTION_CSV, per_question_csv(report))
     tracker.log_params({f"rag_index.{k}": v for k, v in to_dict(cfg).items() if k in QUERY_KEYS})
     return {k: v for k, v in report.items() if k != "per_question"}

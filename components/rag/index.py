@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from components.rag.embedding import Embedder
 from components.rag.parsing import DEFAULT_LANGUAGES, Skipped, collect_files, parse_documents
 from components.rag.store import Hit, RagStore, SearchMode
 
-EXPANSIONS: tuple[str, ...] = ("none", "prf")
+EXPANSIONS: tuple[str, ...] = ("none", "prf", "multi_query")
+Rewriter = Callable[[str], list[str]]  # question -> other wordings of it (multi_query expansion)
 PRF_DOCS = 3  # pseudo-relevance feedback: the first-pass hits read for expansion terms
 PRF_TERMS = 6
 PRF_DENSE_WEIGHT = 0.5  # Rocchio: question vector + this x mean of the feedback hits' vectors
@@ -246,6 +247,23 @@ def expansion_terms(question: str, texts: Sequence[str], n_terms: int = PRF_TERM
     return [w for w, n in ranked if n >= 2][:n_terms]
 
 
+def fuse_rankings(rankings: Sequence[Sequence[Hit]], rrf_k: int) -> list[Hit]:
+    """Reciprocal rank fusion of several ranked hit lists: sum over lists of 1 / (rrf_k + rank).
+
+    Hits are the same chunk when source and chunk id match; the fused hit keeps the first
+    list's copy (the question's own search comes first) with the fused score. Ties keep the
+    order of first appearance.
+    """
+    fused: dict[tuple[str, str], tuple[Hit, float]] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            key = (hit.source, hit.chunk_id)
+            first, score = fused.get(key, (hit, 0.0))
+            fused[key] = (first, score + 1.0 / (rrf_k + rank))
+    ordered = sorted(fused.values(), key=lambda pair: -pair[1])  # stable: first appearance on ties
+    return [hit.with_score(score) for hit, score in ordered]
+
+
 def retrieve(
     store: RagStore,
     embedder: Embedder | None,
@@ -254,6 +272,7 @@ def retrieve(
     *,
     reranker: Any = None,
     vector: np.ndarray | None = None,
+    rewriter: Rewriter | None = None,
 ) -> list[Hit]:
     """The ``top_k`` chunks that best answer ``question``, best first.
 
@@ -262,6 +281,10 @@ def retrieve(
     retrieved cheaply and the cross-encoder keeps the best ``top_k``. ``expansion="prf"``
     searches twice: the first hits' shared terms extend the BM25 query and their vectors pull
     the question's (Rocchio), which helps a question worded unlike the document.
+    ``expansion="multi_query"`` asks ``rewriter`` (a generator) for other wordings of the
+    question (and a hypothetical answer), searches each (the question itself first) and fuses
+    the lists with RRF (``rrf_k``): a chunk that several wordings find rises, one that only a
+    bad rewrite finds stays low.
     """
     opts = options or RetrievalOptions()
     if opts.expansion not in EXPANSIONS:
@@ -290,7 +313,23 @@ def retrieve(
                 np.asarray(feedback), axis=0
             )
             vector = moved / (np.linalg.norm(moved) or 1.0)
-    hits = store.search(query_text, vector, mode=opts.mode, top_k=limit, **kwargs)
+    if opts.expansion == "multi_query":
+        if rewriter is None:
+            raise PosttrainError(
+                "rag_index.expansion: multi_query needs a generator to rewrite the question "
+                "(rag_index.generator); expansion: prf needs none"
+            )
+        queries = [question, *rewriter(question)]
+        vectors: list[Any] = [vector] + [None] * (len(queries) - 1)
+        if vector is not None and embedder is not None and len(queries) > 1:
+            vectors[1:] = list(embedder.encode(queries[1:]))
+        rankings = [
+            store.search(q, v, mode=opts.mode, top_k=limit, **kwargs)
+            for q, v in zip(queries, vectors, strict=True)
+        ]
+        hits = fuse_rankings(rankings, opts.rrf_k)[:limit]
+    else:
+        hits = store.search(query_text, vector, mode=opts.mode, top_k=limit, **kwargs)
     if reranker is not None and hits:
         ranked = reranker.rerank(question, hits, lambda h: h.matched or h.text, opts.top_k)
         hits = [hit.with_score(score) for hit, score in ranked]

@@ -7,6 +7,7 @@ configuration is the default" means the same thing everywhere.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -23,7 +24,7 @@ from components.rag.evaluation import (
     ranked_files,
     score_ranking,
 )
-from components.rag.index import RetrievalOptions, retrieve
+from components.rag.index import RetrievalOptions, Rewriter, retrieve
 from components.rag.store import RagStore
 
 MAX_QUESTION_CHARACTERS = 2000
@@ -152,6 +153,63 @@ def make_generator(model: Any, tokenizer: Any) -> tuple[Callable[[list[dict[str,
     return generate, count_tokens
 
 
+# -- multi-query expansion -------------------------------------------------------------------
+
+REWRITE_PROMPT = (
+    "Write {n} different search queries that would find the documentation answering the question "
+    "below. Use other words than the question does. One query per line, nothing else.\n\n"
+    "Question: {question}"
+)
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]+|\(?\d{1,2}[.):]|[Qq]uery\s*\d*\s*:)\s*")
+
+
+def parse_rewrites(text: str, question: str, n: int) -> list[str]:
+    """Up to ``n`` distinct queries from a generator's reply: one per line, list markers and quotes
+    stripped, the question itself and lines over 300 characters (rambling, not a query) dropped."""
+    seen = {question.strip().casefold()}
+    out: list[str] = []
+    for line in text.splitlines():
+        query = _LIST_MARKER.sub("", line).strip().strip("\"'“”`").strip()
+        if len(query) < 3 or len(query) > 300 or query.casefold() in seen:
+            continue
+        seen.add(query.casefold())
+        out.append(query)
+        if len(out) == n:
+            break
+    return out
+
+
+HYPOTHETICAL_PROMPT = (
+    "Write a short passage from a manual that answers this question.\n\nQuestion: {question}"
+)
+
+
+def hypothetical_passage(text: str, question: str) -> str:
+    """The generator's answer passage as one search query (HyDE): whitespace joined, at most 600
+    characters; empty when it only repeats the question."""
+    passage = " ".join(text.split())[:600]
+    return "" if passage.casefold().strip(" ?.") == question.casefold().strip(" ?.") else passage
+
+
+def make_rewriter(generate: Callable[[list[dict[str, str]]], str], n: int) -> Rewriter:
+    """``rag_index.expansion: multi_query``'s rewriter: ``n`` other wordings, plus one hypothetical answer.
+
+    The hypothetical answer (HyDE, Gao et al. 2022) is a passage the generator writes as if it
+    were the document: it need not be true, only worded like the corpus, which is why it helps
+    even when the generator is too small to paraphrase (SmolLM2-135M mostly repeats the question
+    when asked for rewrites, and those repeats are dropped).
+    """
+
+    def rewrite(question: str) -> list[str]:
+        reply = generate([{"role": "user", "content": REWRITE_PROMPT.format(n=n, question=question)}])
+        queries = parse_rewrites(reply, question, n)
+        answer = generate([{"role": "user", "content": HYPOTHETICAL_PROMPT.format(question=question)}])
+        passage = hypothetical_passage(answer, question)
+        return [*queries, passage] if passage and passage not in queries else queries
+
+    return rewrite
+
+
 def answer(
     question: str,
     store: RagStore,
@@ -163,10 +221,11 @@ def answer(
     min_support: float = 0.45,
     generator: tuple[Callable[[list[dict[str, str]]], str], Any] | None = None,
     context_tokens: int = 768,
+    rewriter: Rewriter | None = None,
 ) -> tuple[Answer, list[Any]]:
     """Retrieve evidence for ``question`` and answer from it; returns the answer and the hits."""
     question = check_question(question)
-    hits = retrieve(store, embedder, question, options, reranker=reranker)
+    hits = retrieve(store, embedder, question, options, reranker=reranker, rewriter=rewriter)
     evidence = [Evidence.from_hit(h) for h in hits]
     embed = embedder.encode
     if mode == "generative":
@@ -190,13 +249,15 @@ def answer(
 # -- evaluation ----------------------------------------------------------------------------
 
 
-def eval_modes(reranker: Any) -> list[tuple[str, dict[str, Any], bool]]:
+def eval_modes(reranker: Any, rewriter: Rewriter | None = None) -> list[tuple[str, dict[str, Any], bool]]:
     """(name, option overrides, rerank) per evaluated configuration."""
     modes = [("dense", {"mode": "dense"}, False), ("sparse", {"mode": "sparse"}, False)]
     modes += [
         ("hybrid", {"mode": "hybrid"}, False),
         ("hybrid_prf", {"mode": "hybrid", "expansion": "prf"}, False),
     ]
+    if rewriter is not None:
+        modes.append(("hybrid_multi_query", {"mode": "hybrid", "expansion": "multi_query"}, False))
     if reranker is not None:
         modes.append(("hybrid_rerank", {"mode": "hybrid"}, True))
     return modes
@@ -210,6 +271,7 @@ def evaluate(
     *,
     reranker: Any = None,
     progress: bool = False,
+    rewriter: Rewriter | None = None,
 ) -> dict[str, Any]:
     """File-level recall@1/5/10, MRR@10 and nDCG@10 per mode, plus answer containment.
 
@@ -223,15 +285,16 @@ def evaluate(
     vectors = embedder.encode([q.question for q in questions])
     results: dict[str, Any] = {"n_questions": len(questions), "modes": {}}
     per_question: dict[str, list[dict[str, Any]]] = {}
-    configs = eval_modes(reranker)
+    configs = eval_modes(reranker, rewriter)
     bar = tqdm(total=len(configs) * len(questions), desc="rag eval", unit="q", disable=not progress)
     for name, overrides, rerank in configs:
         opts = replace(base, **overrides, top_k=max(EVAL_DEPTH * 3, base.top_k))
         rows = []
         for q, vector in zip(questions, vectors, strict=True):
             hits = retrieve(
-                store, embedder, q.question, opts, reranker=reranker if rerank else None, vector=vector
-            )
+                store, embedder, q.question, opts,
+                reranker=reranker if rerank else None, vector=vector, rewriter=rewriter,
+            )  # fmt: skip
             files = ranked_files(h.source for h in hits)
             scores = score_ranking(files, q.relevant)
             rows.append(scores)
@@ -240,8 +303,8 @@ def evaluate(
         results["modes"][name] = mean_scores(rows)
     bar.close()
     default = cfg.mode
-    if cfg.mode == "hybrid" and cfg.expansion == "prf":
-        default = "hybrid_prf"
+    if cfg.mode == "hybrid" and cfg.expansion in ("prf", "multi_query"):
+        default = f"hybrid_{cfg.expansion}"
     if cfg.mode == "hybrid" and cfg.rerank and "hybrid_rerank" in results["modes"]:
         default = "hybrid_rerank"
     results["default_mode"] = default
@@ -253,8 +316,9 @@ def evaluate(
         default_reranker = reranker if cfg.rerank else None  # answers use the default configuration
         for q in with_answers:
             result, hits = answer(
-                q.question, store, embedder, opts, reranker=default_reranker, min_support=cfg.min_support
-            )
+                q.question, store, embedder, opts, reranker=default_reranker, min_support=cfg.min_support,
+                rewriter=rewriter,
+            )  # fmt: skip
             answered += contains_answer(result.answer, q.answer or "")
             evidence_hit += any(contains_answer(h.text, q.answer or "") for h in hits)
             refused += result.refused

@@ -396,3 +396,68 @@ def test_eval_malformed_line_names_file_and_line(in_eval, capsys):
     code, out, err = cli(capsys, "eval", "bad.jsonl", "--no-mlflow", "--uri", "m.db", "--collection", "docs")
     assert code == 2 and out == ""
     assert err == 'posttrain rag: error: bad.jsonl:3: "relevant" must be a non-empty list of source paths\n'
+
+
+# -- multi-query expansion ----------------------------------------------------------------------
+
+
+def test_multi_query_fuses_what_each_wording_finds(in_eval, embedder):
+    """A question worded like nothing in the corpus is rescued by a rewrite that names the topic."""
+    from components.errors import PosttrainError
+
+    vague = "zqx vrmbl kfwt"  # no word of it is in the corpus
+    rewrite = "Which overnight service runs from Gubu to Ligete?"
+    calls: list[str] = []
+
+    def rewriter(question: str) -> list[str]:
+        calls.append(question)
+        return [rewrite]
+
+    opts = RetrievalOptions(top_k=3, rrf_k=10, expansion="multi_query")
+    with open_store("m.db", "docs") as store:
+        plain = retrieve(store, embedder, vague, RetrievalOptions(top_k=3, rrf_k=10))
+        fused = retrieve(store, embedder, vague, opts, rewriter=rewriter)
+        alone = retrieve(store, embedder, rewrite, RetrievalOptions(top_k=3, rrf_k=10))
+        with pytest.raises(PosttrainError, match="multi_query needs a generator"):
+            retrieve(store, embedder, vague, opts)
+    assert calls == [vague]
+    assert alone[0].source == "docs/rail-timetable.html"
+    assert "docs/rail-timetable.html" not in [h.source for h in plain[:1]]
+    # the rewrite's best chunk is fused into the top two (its 1/(k+1) ties at most the vague list's first)
+    assert (alone[0].source, alone[0].chunk_id) in [(h.source, h.chunk_id) for h in fused[:2]]
+    assert all(h.score > 0 for h in fused) and [h.score for h in fused] == sorted(
+        (h.score for h in fused), reverse=True
+    )
+
+
+def test_query_cli_multi_query_with_the_bundled_instruct_model(in_eval, capsys):
+    """End to end with a real generator: SmolLM2 writes the rewrites, the CLI shows them and searches."""
+    code, out, err = cli(
+        capsys, "query", "How cold has it ever got in the capital of Nupopeel?", "--json",
+        "--expansion", "multi_query", "--generator", "smollm2-135m-instruct",
+        "--uri", "m.db", "--collection", "docs", "--top-k", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    shown = [line for line in err.splitlines() if line.startswith("multi_query: ")]
+    assert len(shown) == 1 and shown[0] != "multi_query: (no usable rewrite)", err
+    hits = json.loads(out)["hits"]
+    assert len(hits) == 3 and hits[0]["source"] == "docs/climate-almanac.docx"
+
+
+def test_eval_adds_a_multi_query_row_when_asked(in_eval, capsys):
+    (in_eval / "two.jsonl").write_text(
+        "\n".join(
+            json.dumps({"id": i, "question": q, "relevant": [rel]})
+            for i, (q, rel, _) in enumerate(QUESTIONS[:2])
+        )
+        + "\n"
+    )
+    code, out, err = cli(
+        capsys, "eval", "two.jsonl", "--json", "--no-mlflow", "--uri", "m.db", "--collection", "docs",
+        "--expansion", "multi_query", "--generator", "smollm2-135m-instruct",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert list(report["modes"]) == [*MODES, "hybrid_multi_query"]
+    assert report["default_mode"] == "hybrid_prf"  # the config's default, not the extra row
+    assert set(report["modes"]["hybrid_multi_query"]) == METRICS

@@ -30,6 +30,7 @@ QUERY_TIME_ONLY = {
     "rag_index.rrf_k",
     "rag_index.dense_weight",
     "rag_index.expansion",
+    "rag_index.expansion_queries",
     "rag_index.rerank",
     "rag_index.reranker",
     "rag_index.candidates",
