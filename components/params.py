@@ -517,6 +517,8 @@ class AlignConfig:
     method: Literal["dpo", "grpo", "rloo", "ppo"] = "grpo"
     reward: Annotated[str, OneOf(ALIGN_REWARDS)] = "verifier"
     rm_weight: Annotated[float, Range(ge=0)] = 1.0
+    # the verifier's near-miss credit (position-matched characters); false = 1 for exact, else 0
+    partial_credit: bool = True
     seed: Seed = 0
     n_report_prompts: Count = 64
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -82,8 +82,12 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
     tokenizer = load_tokenizer(policy)
     judged_rounds = cfg.method == "dpo" and cfg.dpo.round_judge != "verifier"
     rm_dir = params.paths.reward_model if cfg.reward != "verifier" or judged_rounds else None
-    reward = RewardFunction(cfg.reward, rm_dir, cfg.rm_weight)
-    judge = RewardFunction(cfg.dpo.round_judge, rm_dir, cfg.rm_weight) if judged_rounds else None
+    reward = RewardFunction(cfg.reward, rm_dir, cfg.rm_weight, cfg.partial_credit)
+    judge = (
+        RewardFunction(cfg.dpo.round_judge, rm_dir, cfg.rm_weight, cfg.partial_credit)
+        if judged_rounds
+        else None
+    )
     held_out = report_prompts(processed, cfg.n_report_prompts)
     if not held_out:
         raise DataError(f"{processed / 'sft_eval.jsonl'}: no held-out prompts for align's report")

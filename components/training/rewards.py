@@ -3,7 +3,9 @@
 ``align.reward`` picks one:
 
 - ``verifier``: :func:`components.data.verifier.reward`, 1 for an exact answer, else partial
-  credit for position-matched characters (a signal on near misses);
+  credit for position-matched characters (a signal on near misses); with
+  ``align.partial_credit: false`` it is 1 or 0 (exact match only: on a real model a near-miss sum
+  such as 119 for 109 earns a third of a right one, which RL can learn to aim for);
 - ``rm``: the Bradley-Terry reward model from the ``reward_model`` stage, scoring the whole
   conversation exactly as ``RewardTrainer`` tokenised it;
 - ``both``: ``verifier + rm_weight * rm``.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from components.data.verifier import reward as verifier_reward
+from components.data.verifier import verify
 from components.errors import DataError
 
 REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
@@ -29,11 +32,18 @@ REWARDS: tuple[str, ...] = ("verifier", "rm", "both")
 class RewardFunction:
     """Scores completions of prompt records; ``name`` is what TRL logs it as (``rewards/<name>``)."""
 
-    def __init__(self, kind: str, rm_dir: Path | str | None = None, rm_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        rm_dir: Path | str | None = None,
+        rm_weight: float = 1.0,
+        partial_credit: bool = True,
+    ) -> None:
         if kind not in REWARDS:
             raise ValueError(f"unknown reward {kind!r} (known: {', '.join(REWARDS)})")
         self.kind = kind
         self.rm_weight = rm_weight
+        self.partial_credit = partial_credit
         self.__name__ = f"{kind}_reward"  # TRL names reward functions by __name__
         self._rm: Any = None
         self._rm_tokenizer: Any = None
@@ -66,7 +76,8 @@ class RewardFunction:
     def __call__(self, records: Sequence[dict[str, str]], completions: Sequence[str]) -> list[float]:
         scores = [0.0] * len(completions)
         if self.kind in ("verifier", "both"):
-            scores = [verifier_reward(c, r["answer"]) for r, c in zip(records, completions, strict=True)]
+            grade = verifier_reward if self.partial_credit else lambda c, a: float(verify(c, a))
+            scores = [grade(c, r["answer"]) for r, c in zip(records, completions, strict=True)]
         if self.kind in ("rm", "both"):
             weight = 1.0 if self.kind == "rm" else self.rm_weight
             rm = self.rm_scores([r["prompt"] for r in records], completions)

@@ -23,6 +23,13 @@ def test_verifier_reward_gives_partial_credit_and_the_trl_wrapper_reads_conversa
     assert got == [1.0, 0.0]
 
 
+def test_without_partial_credit_the_verifier_pays_exact_answers_only() -> None:
+    reward = RewardFunction("verifier", partial_credit=False)
+    records = [{"prompt": "What is 27 + 82?", "answer": "109"}] * 3
+    assert reward(records, ["109", " 109 ", "119"]) == [1.0, 1.0, 0.0]
+    assert RewardFunction("verifier")(records[:1], ["119"]) == [0.5 * 2 / 3]  # the near miss's credit
+
+
 def test_a_reward_needing_the_rm_refuses_to_start_without_it() -> None:
     with pytest.raises(ValueError, match="needs the reward model"):
         RewardFunction("rm")
