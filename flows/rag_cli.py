@@ -77,6 +77,8 @@ examples:
   posttrain rag ingest docs/ --prune                   # also drop files deleted from docs/
   posttrain rag ingest docs/ --uri http://localhost:19530"""
 
+EXPANSIONS = ("none", "prf", "multi_query")  # components.rag.index.EXPANSIONS, without importing it
+
 _QUERY_DESCRIPTION = """\
 Print the chunks that best answer a question, best first.
 
@@ -590,7 +592,7 @@ def _add_retrieval_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--expansion",
-        choices=("none", "prf", "multi_query"),
+        choices=EXPANSIONS,
         default=None,
         help="query expansion: prf (pseudo-relevance feedback), multi_query (the generator rewrites "
         "the question rag_index.expansion_queries ways and writes a hypothetical answer; lists fused "
@@ -716,7 +718,7 @@ def add_rag_parser(subparsers: Any) -> None:
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
     evaluate.add_argument(
         "--expansion",
-        choices=("none", "prf", "multi_query"),
+        choices=EXPANSIONS,
         default=None,
         help="multi_query adds a hybrid_multi_query row (the generator rewrites each question); every "
         "other mode is always scored (default: rag_index.expansion)",

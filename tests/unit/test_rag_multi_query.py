@@ -88,3 +88,10 @@ def test_fusion_keeps_the_first_lists_copy_and_first_appearance_on_ties():
     assert [h.chunk_id for h in tie] == ["x", "y"]
     # same chunk id in another file is another chunk
     assert len(fuse_rankings([[_hit("a")], [Hit("a", "other.md", "t", 0, 0.0)]], rrf_k=10)) == 2
+
+
+def test_the_cli_offers_exactly_the_expansions_retrieval_knows():
+    from components.rag.index import EXPANSIONS
+    from flows import rag_cli
+
+    assert rag_cli.EXPANSIONS == EXPANSIONS
