@@ -454,6 +454,8 @@ def train_ppo(
         order, cursor, done, history = state["order"], state["cursor"], state["step"], state["history"]
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():  # sampling on a GPU draws from here
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     for step in tqdm(range(done + 1, s.steps + 1), desc="ppo", unit="step", initial=done, total=s.steps):
         start = time.perf_counter()
         if cursor + s.batch_size > len(order):
@@ -500,6 +502,7 @@ def train_ppo(
                     "history": history,
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
             )
     return peft_model, history
