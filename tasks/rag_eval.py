@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from components.artifacts import write_text_atomic
-from components.config import to_dict
-from components.errors import ConfigError
+from components.config import ConfigError, to_dict
 from components.params import Params
 from components.rag import service
 from components.rag.embedding import get_embedder

@@ -95,3 +95,23 @@ def test_the_cli_offers_exactly_the_expansions_retrieval_knows():
     from flows import rag_cli
 
     assert rag_cli.EXPANSIONS == EXPANSIONS
+
+
+def test_the_rag_eval_stage_refuses_the_registry_as_its_rewriter():
+    """The stage's inputs must be files DVC can track: multi_query there needs a bundled or local model."""
+    from pathlib import Path
+
+    from components.config import ConfigError
+    from components.params import parse_params
+    from components.tracking import RecordingTracker
+    from tasks import rag_eval
+
+    root = Path(__file__).resolve().parents[2]
+    params = parse_params(
+        {
+            "rag_eval": {"questions": str(root / "data/rag_eval/questions.jsonl")},
+            "rag_index": {"expansion": "multi_query", "generator": "champion", "reranker": "none"},
+        }
+    )
+    with pytest.raises(ConfigError, match="^rag_index.generator: the rag_eval stage rewrites questions"):
+        rag_eval.run(params, RecordingTracker())
