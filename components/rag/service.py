@@ -7,6 +7,7 @@ configuration is the default" means the same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -285,6 +286,8 @@ def evaluate(
     vectors = embedder.encode([q.question for q in questions])
     results: dict[str, Any] = {"n_questions": len(questions), "modes": {}}
     per_question: dict[str, list[dict[str, Any]]] = {}
+    if rewriter is not None:  # the multi_query row and the answers ask once per question, not twice
+        rewriter = functools.cache(rewriter)
     configs = eval_modes(reranker, rewriter)
     bar = tqdm(total=len(configs) * len(questions), desc="rag eval", unit="q", disable=not progress)
     for name, overrides, rerank in configs:

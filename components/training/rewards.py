@@ -4,8 +4,8 @@
 
 - ``verifier``: :func:`components.data.verifier.reward`, 1 for an exact answer, else partial
   credit for position-matched characters (a signal on near misses); with
-  ``align.partial_credit: false`` it is 1 or 0 (exact match only: on a real model a near-miss sum
-  such as 119 for 109 earns a third of a right one, which RL can learn to aim for);
+  ``align.partial_credit: false`` it is 1 or 0 (exact match only; on a real model a near-miss
+  sum such as 119 for 109 otherwise earns a third of a right one);
 - ``rm``: the Bradley-Terry reward model from the ``reward_model`` stage, scoring the whole
   conversation exactly as ``RewardTrainer`` tokenised it;
 - ``both``: ``verifier + rm_weight * rm``.
