@@ -129,7 +129,8 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+        digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 3  # seconds, MB; scores
+        return f"{value:.{digits}f}"
     return str(value)
 
 
