@@ -703,11 +703,15 @@ class RagIndexConfig:
     # and the lists are fused (RRF); none
     expansion: Literal["none", "prf", "multi_query"] = "prf"
     expansion_queries: Annotated[int, Range(ge=1, le=8)] = 3
-    # rerank candidates with the cross-encoder by default? Off: on the real-docs benchmark the
-    # self-trained reranker ranks below plain hybrid (README); --rerank turns it on per query.
+    # rerank candidates by default? Off: the self-trained cross-encoder ranks below plain hybrid
+    # on the real manuals, and query_likelihood (which beats it there, README) costs seconds per
+    # question on a CPU; --rerank turns reranking on per query.
     rerank: bool = False
-    reranker: Text = "trained"  # trained (the rag_reranker stage's model) | none | a CrossEncoder dir
-    candidates: Count = 50  # retrieved cheaply, then reranked down to top_k
+    # trained (the rag_reranker stage's cross-encoder) | query_likelihood (log P(question |
+    # passage) under ql_model, no training) | none | a CrossEncoder directory
+    reranker: Text = "trained"
+    ql_model: Text = "smollm2-135m-instruct"  # a bundled causal LM or a local directory
+    candidates: Count = 30  # retrieved cheaply, then reranked down to top_k
     answer_mode: Literal["extractive", "generative"] = "extractive"
     generator: Text = "champion"  # champion (registry alias) | smollm2 | a local causal-LM dir
     min_support: Annotated[float, Range(ge=-1, le=1)] = 0.35  # best sentence cosine below: "I don't know"

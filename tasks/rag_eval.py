@@ -1,7 +1,8 @@
 """Stage ``rag_eval``: retrieval quality of the index per mode on the shipped question set.
 
 Runs ``posttrain rag eval`` (:func:`components.rag.service.evaluate`) on ``rag_eval.questions``
-against the ``rag_index`` output, with the ``rag_reranker`` model when it exists: file-level
+against the ``rag_index`` output, with ``rag_index.reranker`` (the ``rag_reranker`` model when
+it exists, or query-likelihood reranking with the bundled ``ql_model``): file-level
 recall@1/5/10, MRR@10 and nDCG@10 for dense, sparse, hybrid, hybrid + PRF and hybrid + rerank
 (and hybrid + multi-query when ``rag_index.expansion: multi_query``), and answer containment
 of the extractive answers. ``metrics/rag_eval.json`` holds the per-mode table (DVC compares it
@@ -37,6 +38,7 @@ QUERY_KEYS = (
     "expansion_queries",
     "generator",
     "reranker",
+    "ql_model",
     "candidates",
     "min_support",
 )

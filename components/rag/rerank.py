@@ -466,9 +466,13 @@ class Reranker:
         """The ``top_k`` items (all when None) with their scores, best first; ties keep input order."""
         if not items or (top_k is not None and top_k <= 0):
             return []
-        scores = self.scores(query, [text_of(item) for item in items])
-        order = sorted(range(len(items)), key=lambda i: -float(scores[i]))
-        return [(items[i], float(scores[i])) for i in order[:top_k]]
+        return order_by_scores(items, self.scores(query, [text_of(item) for item in items]), top_k)
+
+
+def order_by_scores(items: Sequence[T], scores: Sequence[float], top_k: int | None) -> list[tuple[T, float]]:
+    """(item, score) best first, the first ``top_k`` (all when None); ties keep input order."""
+    order = sorted(range(len(items)), key=lambda i: -float(scores[i]))
+    return [(items[i], float(scores[i])) for i in order[:top_k]]
 
 
 @lru_cache(maxsize=4)

@@ -81,7 +81,15 @@ def load_reranker(cfg: RagIndexConfig, trained_dir: str | Path, wanted: bool | N
 def find_reranker(
     cfg: RagIndexConfig, trained_dir: str | Path, required: bool = False, warn: bool = True
 ) -> Any:
-    """The configured cross-encoder if it exists (an error when ``required``), else None."""
+    """The configured reranker if it exists (an error when ``required``), else None.
+
+    ``query_likelihood`` needs no training: it loads ``rag_index.ql_model`` (bundled or a
+    directory, which must exist). The others are CrossEncoder directories.
+    """
+    if cfg.reranker == "query_likelihood":
+        from components.rag.query_likelihood import load_query_likelihood
+
+        return load_query_likelihood(cfg.ql_model)
     path = reranker_path(cfg, trained_dir)
     if path is None:
         if required:

@@ -461,3 +461,53 @@ def test_eval_adds_a_multi_query_row_when_asked(in_eval, capsys):
     assert list(report["modes"]) == [*MODES, "hybrid_multi_query"]
     assert report["default_mode"] == "hybrid_prf"  # the config's default, not the extra row
     assert set(report["modes"]["hybrid_multi_query"]) == METRICS
+
+
+# -- query-likelihood reranking (the bundled SmolLM2 scores log P(question | passage)) ------------
+
+
+def test_query_likelihood_puts_the_answering_passage_first():
+    from components.rag.query_likelihood import load_query_likelihood
+
+    reranker = load_query_likelihood("smollm2-135m-instruct")
+    question = "Why did Pufaia's government move to a town on a hill?"
+    passages = [
+        "Pufaia's government publishes a trade report every year; the town markets list copper prices.",
+        "The overnight train leaves Gubu at nine and reaches Ligete before breakfast.",
+        "After the river flooded the old capital three times, the ministries of Pufaia were moved "
+        "uphill to Kepa, where the water could not reach them.",
+    ]
+    ranked = reranker.rerank(question, passages, lambda p: p)
+    assert ranked[0][0] == passages[2]  # input order put it last: the reranker moved it
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True) and all(-20 < s < 0 for s in scores)
+
+
+def test_query_cli_reranks_by_query_likelihood(in_eval, capsys):
+    code, out, err = cli(
+        capsys, "query", "In which month are paper lights floated down the river in Rapeba?", "--json",
+        "--rerank", "--reranker", "query_likelihood", "--uri", "m.db", "--collection", "docs", "--top-k", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    hits = json.loads(out)["hits"]
+    assert len(hits) == 3 and hits[0]["source"] == "docs/travel-guide.md"
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)  # log-probabilities
+
+
+def test_eval_scores_the_query_likelihood_rerank_row(in_eval, capsys):
+    (in_eval / "two.jsonl").write_text(
+        "\n".join(
+            json.dumps({"id": i, "question": q, "relevant": [rel]})
+            for i, (q, rel, _) in enumerate(QUESTIONS[1:3])
+        )
+        + "\n"
+    )
+    code, out, err = cli(
+        capsys, "eval", "two.jsonl", "--json", "--no-mlflow", "--uri", "m.db", "--collection", "docs",
+        "--reranker", "query_likelihood",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert list(report["modes"]) == [*MODES, "hybrid_rerank"]
+    assert report["modes"]["hybrid_rerank"]["recall_at_1"] == 1.0, report["per_question"]

@@ -756,8 +756,8 @@ def test_cross_field_rule_checks_a_default_against_a_given_value():
         ConfigError, match=r"^rag_index\.chunk_overlap_tokens: must be < chunk_tokens \(16\), got 16$"
     ):
         parse_params({"rag_index": {"chunk_tokens": 16}})  # default overlap is 16
-    with pytest.raises(ConfigError, match=r"^rag_index\.candidates: must be >= top_k \(60\), got 50$"):
-        parse_params({"rag_index": {"top_k": 60}})  # default candidates is 50
+    with pytest.raises(ConfigError, match=r"^rag_index\.candidates: must be >= top_k \(60\), got 30$"):
+        parse_params({"rag_index": {"top_k": 60}})  # default candidates is 30
 
 
 def test_every_problem_is_reported_at_once_in_file_order(tmp_path):

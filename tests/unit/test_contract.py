@@ -33,6 +33,7 @@ QUERY_TIME_ONLY = {
     "rag_index.expansion_queries",
     "rag_index.rerank",
     "rag_index.reranker",
+    "rag_index.ql_model",
     "rag_index.candidates",
     "rag_index.answer_mode",
     "rag_index.generator",
