@@ -231,6 +231,11 @@ def bench_rag_100k(repeats: int, n_chunks: int = 100_000, n_sources: int = 100) 
                     }
                 )
             client.insert("big", rows)
+        # Seal and index what was inserted, as a reopened index is: searching 100k rows that are
+        # still in growing segments took 3 s (dense) to 9 s (hybrid) per query on Lite.
+        client.flush("big")
+        client.release_collection("big")
+        client.load_collection("big")
         assert store.count() == n_chunks
         build = time.perf_counter() - t
         pairs = list(zip(queries, qvecs, strict=True))
@@ -286,14 +291,54 @@ def bench_rag_100k(repeats: int, n_chunks: int = 100_000, n_sources: int = 100) 
             )
         }
         index_type = store.index_type()
+    small = n_chunks // 10
+    small_p50 = _bare_dense_p50(small, dim, n)
     return [
         f"### Search at {n_chunks:,} chunks (synthetic, {dim}-dim, {index_type}), Milvus Lite, "
         f"top 10, {n} queries",
         "",
-        f"Built in {build:.0f} s (insert + index). Query vectors are given: this is the search itself.",
+        f"Built in {build:.0f} s (insert, flush, index, load). Query vectors are given: this is the "
+        "search itself.",
         "",
         "| search | p50 ms | p95 ms | p50 ratio to bare |",
         "|---|---|---|---|",
         *(_row(label, res[ours], res[bare]) for label, ours, bare in ROWS_100K),
         "",
+        f"Scaling: a bare dense search over {small:,} rows (HNSW, sealed) takes {small_p50:.1f} ms "
+        f"p50, {res['bare_dense'][0] / small_p50:.1f}x less than over {n_chunks:,}: Milvus Lite's "
+        "search time grows with the row count whatever index is declared (it scans), so the p50 "
+        "<= 20 ms target needs a Milvus server at this size, not a better client.",
+        "",
     ]
+
+
+def _bare_dense_p50(n_rows: int, dim: int, n_queries: int) -> float:
+    """p50 ms of a bare dense search over ``n_rows`` random vectors (HNSW index, sealed, loaded)."""
+    from pymilvus import DataType, MilvusClient
+
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        client = MilvusClient(str(Path(tmp) / "small.db"))
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
+        index = client.prepare_index_params()
+        index.add_index(
+            "dense", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200}
+        )
+        client.create_collection("small", schema=schema, index_params=index)
+        vecs = rng.standard_normal((n_rows, dim)).astype(np.float32)
+        client.insert("small", [{"id": i, "dense": v} for i, v in enumerate(vecs.tolist())])
+        client.flush("small")
+        client.release_collection("small")
+        client.load_collection("small")
+        query = rng.standard_normal(dim).astype(np.float32).tolist()
+        params = {"metric_type": "COSINE", "params": {"ef": 64}}
+
+        def bare(_: str) -> object:
+            return client.search("small", data=[query], anns_field="dense", limit=10, search_params=params)
+
+        bare("")
+        p50 = _percentiles(_latencies(bare, [""] * n_queries, 1))[0]
+        client.close()
+    return p50

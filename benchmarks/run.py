@@ -666,30 +666,37 @@ def main() -> None:
         "",
     ]
     previous = _sections(Path(args.out))
+    if args.only and "" in previous:  # the full run's header stays; each section says its date
+        lines = previous[""]
     for name, bench in benches.items():
         if args.only and name not in args.only:
             lines += previous.get(name, [])  # --only: keep the other sections as last measured
             continue
         print(f"benchmark: {name} ...", file=sys.stderr)
-        lines += [f"<!-- bench:{name} -->", *bench(args.repeats)]
+        section = bench(args.repeats)
+        if args.only and section and section[0].startswith("#"):
+            section[0] += f" ({time.strftime('%Y-%m-%d')}, `--only {name}`)"
+        lines += [f"<!-- bench:{name} -->", *section]
     for name, section in previous.items():  # sections measured elsewhere (gpu: benchmarks/gpu.py)
-        if name not in benches:
+        if name and name not in benches:
             lines += section
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def _sections(path: Path) -> dict[str, list[str]]:
-    """The sections of an earlier BENCHMARKS.md, by their ``<!-- bench:NAME -->`` markers."""
+    """The sections of an earlier BENCHMARKS.md, by their ``<!-- bench:NAME -->`` markers.
+
+    The lines before the first marker (the title and the full run's header) are under ``""``.
+    """
     if not path.exists():
         return {}
     out: dict[str, list[str]] = {}
-    current: str | None = None
+    current = ""
     for line in path.read_text().splitlines():
         if line.startswith("<!-- bench:"):
             current = line.removeprefix("<!-- bench:").removesuffix(" -->")
-        if current:
-            out.setdefault(current, []).append(line)
+        out.setdefault(current, []).append(line)
     return out
 
 
