@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from components.errors import MissingInputError
 
@@ -137,3 +138,19 @@ def resolve(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_named_lm(name: str, key: str) -> tuple[Any, Any]:
+    """(fp32 causal LM, tokenizer) from a bundled model name or a local directory.
+
+    ``key`` is the dotted parameter that named it, for a one-line error when it is neither.
+    """
+    from components.models.loading import load_causal_lm, load_tokenizer
+
+    path = resolve(name) if is_bundled(name) else Path(name).expanduser()
+    if not path.is_dir():
+        raise MissingInputError(
+            f"{key}: {name!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}) "
+            "nor a local model directory"
+        )
+    return load_causal_lm(path), load_tokenizer(path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -111,30 +110,19 @@ class QueryLikelihoodReranker:
         self, query: str, items: Sequence[T], text_of: Callable[[T], str], top_k: int | None = None
     ) -> list[tuple[T, float]]:
         """The ``top_k`` items (all when None) with their scores, best first; ties keep input order."""
-        from components.rag.rerank import order_by_scores
+        from components.rag.rerank import rerank_items
 
-        if not items or (top_k is not None and top_k <= 0):
-            return []
-        return order_by_scores(items, self.scores(query, [text_of(item) for item in items]), top_k)
+        return rerank_items(self.scores, query, items, text_of, top_k)
 
 
 @lru_cache(maxsize=2)
 def load_query_likelihood(name: str) -> QueryLikelihoodReranker:
     """The reranker over a bundled model (``smollm2-135m-instruct``) or a local causal-LM directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from components.models.bundled import load_named_lm
 
-    from components.models import bundled
-
-    path = bundled.resolve(name) if bundled.is_bundled(name) else Path(name).expanduser()
-    if not Path(path).is_dir():
-        raise MissingInputError(
-            f"rag_index.ql_model: {name!r} is neither a bundled model "
-            f"({', '.join(sorted(bundled.BUNDLED))}) nor a local model directory"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = load_named_lm(name, "rag_index.ql_model")
     if not tokenizer.chat_template:
         raise MissingInputError(
-            f"rag_index.ql_model: {path} has no chat template (the prompt is a chat turn)"
+            f"rag_index.ql_model: {name} has no chat template (the prompt is a chat turn)"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return QueryLikelihoodReranker(model, tokenizer)

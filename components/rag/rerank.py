@@ -464,9 +464,20 @@ class Reranker:
         self, query: str, items: Sequence[T], text_of: Callable[[T], str], top_k: int | None = None
     ) -> list[tuple[T, float]]:
         """The ``top_k`` items (all when None) with their scores, best first; ties keep input order."""
-        if not items or (top_k is not None and top_k <= 0):
-            return []
-        return order_by_scores(items, self.scores(query, [text_of(item) for item in items]), top_k)
+        return rerank_items(self.scores, query, items, text_of, top_k)
+
+
+def rerank_items(
+    scores: Callable[[str, Sequence[str]], Sequence[float]],
+    query: str,
+    items: Sequence[T],
+    text_of: Callable[[T], str],
+    top_k: int | None,
+) -> list[tuple[T, float]]:
+    """Score each item's text against ``query`` and order them (any reranker's ``rerank``)."""
+    if not items or (top_k is not None and top_k <= 0):
+        return []
+    return order_by_scores(items, scores(query, [text_of(item) for item in items]), top_k)
 
 
 def order_by_scores(items: Sequence[T], scores: Sequence[float], top_k: int | None) -> list[tuple[T, float]]:

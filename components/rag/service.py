@@ -119,19 +119,9 @@ def load_generator(name: str) -> tuple[Callable[[list[dict[str, str]]], str], An
     (``champion``, the registered policy, is loaded from MLflow by the CLI, which then calls
     :func:`make_generator`: components never talk to the tracking server.)
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from components.models.bundled import load_named_lm
 
-    from components.models import bundled
-
-    path = bundled.resolve(name) if bundled.is_bundled(name) else Path(name).expanduser()
-    if not Path(path).is_dir():
-        raise MissingInputError(
-            f"rag_index.generator: {name!r} is neither 'champion', a bundled model "
-            f"({', '.join(sorted(bundled.BUNDLED))}) nor a local model directory"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, tokenizer = load_named_lm(name, "rag_index.generator")
     return make_generator(model, tokenizer)
 
 
