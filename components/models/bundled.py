@@ -140,17 +140,19 @@ def resolve(name: str) -> Path:
     return target
 
 
-def load_named_lm(name: str, key: str) -> tuple[Any, Any]:
+def load_named_lm(name: str, key: str, also: str = "") -> tuple[Any, Any]:
     """(fp32 causal LM, tokenizer) from a bundled model name or a local directory.
 
-    ``key`` is the dotted parameter that named it, for a one-line error when it is neither.
+    ``key`` is the dotted parameter that named it, for a one-line error when it is neither;
+    ``also`` names the other values that parameter accepts (resolved by the caller).
     """
     from components.models.loading import load_causal_lm, load_tokenizer
 
     path = resolve(name) if is_bundled(name) else Path(name).expanduser()
     if not path.is_dir():
         raise MissingInputError(
-            f"{key}: {name!r} is neither a bundled model ({', '.join(sorted(BUNDLED))}) "
+            f"{key}: {name!r} is neither {also + ', ' if also else ''}a bundled model "
+            f"({', '.join(sorted(BUNDLED))}) "
             "nor a local model directory"
         )
     return load_causal_lm(path), load_tokenizer(path)

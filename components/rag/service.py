@@ -121,7 +121,7 @@ def load_generator(name: str) -> tuple[Callable[[list[dict[str, str]]], str], An
     """
     from components.models.bundled import load_named_lm
 
-    model, tokenizer = load_named_lm(name, "rag_index.generator")
+    model, tokenizer = load_named_lm(name, "rag_index.generator", also="'champion'")
     return make_generator(model, tokenizer)
 
 

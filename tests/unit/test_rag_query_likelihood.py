@@ -65,3 +65,16 @@ def test_order_by_scores_is_best_first_and_stable_on_ties():
         ("b", 0.5), ("c", 0.5), ("a", 0.1), ("d", -1.0)
     ]  # fmt: skip
     assert order_by_scores(items, [0.1, 0.5, 0.5, -1.0], 2) == [("b", 0.5), ("c", 0.5)]
+
+
+def test_a_missing_model_is_one_line_naming_the_key(tmp_path):
+    from components.errors import MissingInputError
+    from components.rag.query_likelihood import load_query_likelihood
+    from components.rag.service import load_generator
+
+    with pytest.raises(MissingInputError, match=r"^rag_index\.ql_model: .* is neither a bundled model"):
+        load_query_likelihood(str(tmp_path / "nowhere"))
+    with pytest.raises(
+        MissingInputError, match=r"^rag_index\.generator: .* is neither 'champion', a bundled"
+    ):
+        load_generator(str(tmp_path / "nowhere"))
