@@ -6,6 +6,7 @@ command (a script in the temp project, not production code) kills itself on its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -174,11 +175,18 @@ def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
         runner = stage.parent()  # the dvc process
         # Inside its run (its work dir exists): the stage has installed its parent-death signal.
         _wait_for(lambda: list((repo / "models").glob(".base.tmp-*")), 240, "base to start training")
+        family = parent.children(recursive=True)
         top.send_signal(signal.SIGKILL)
         top.wait(timeout=30)
         _wait_for(lambda: runner is None or _gone(runner), 60, "dvc to stop")
         _wait_for(lambda: _gone(stage), 60, "the tasks.base process to stop")
         _wait_for(lambda: not list((repo / "models").glob(".base.tmp-*")), 30, "its work dir to go")
+        # `posttrain run`'s temporary Prefect server (uvicorn) outlives a SIGKILL of its parent; it
+        # is not a stage, but left running it holds a port and CPU for the rest of the suite.
+        for leftover in family:
+            with contextlib.suppress(psutil.Error):
+                if not _gone(leftover) and "uvicorn" in " ".join(leftover.cmdline()):
+                    leftover.kill()
     finally:
         if top.poll() is None:
             top.kill()
