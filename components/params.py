@@ -638,7 +638,9 @@ class EvaluateConfig:
     """One held-out suite for every model; the gate compares the candidate with SFT and the champion.
 
     ``promotion_max_accuracy_drop`` is the largest drop of ``promotion_metric`` below the current
-    champion that still promotes; the candidate may never score below SFT.
+    champion that still promotes. The aligned model may never score below SFT, and the deployed
+    (compressed) candidate may score at most ``promotion_max_compression_drop`` below the aligned
+    model it was made from (components/evaluation/gate.py says why).
     """
 
     n_prompts: Count = 200
@@ -652,6 +654,7 @@ class EvaluateConfig:
     )
     promotion_metric: Literal["accuracy", "sampled_accuracy", "reward_mean"] = "accuracy"
     promotion_max_accuracy_drop: Annotated[float, Range(ge=0, le=1)] = 0.02
+    promotion_max_compression_drop: Annotated[float, Range(ge=0, le=1)] = 0.03
     # prompting baselines on base and sft (components/evaluation/prompting.py); [] skips them
     prompting: tuple[Annotated[str, OneOf(PROMPTINGS)], ...] = ("zero_shot", "few_shot", "cot")
     few_shot_k: Count = 3

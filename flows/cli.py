@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="register the evaluated candidate and apply the champion/challenger gate",
         description="Register the candidate that `evaluate` scored (once per content hash, tagged with the "
         "dvc.lock hash, git commit and held-out metrics), then move the `evaluate.promotion_alias` alias "
-        "(default `champion`) to it only if it is not below SFT and within "
-        "`evaluate.promotion_max_accuracy_drop` of the current champion on `evaluate.promotion_metric`. "
+        "(default `champion`) to it only if, on `evaluate.promotion_metric`, the aligned model is not "
+        "below SFT, the candidate is within `evaluate.promotion_max_compression_drop` of the aligned model "
+        "it was compressed from, and within `evaluate.promotion_max_accuracy_drop` of the current champion. "
         "`posttrain run` does this after every run; run it yourself after a plain `dvc repro`.",
     )
     promote.set_defaults(func=cmd_promote)

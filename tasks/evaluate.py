@@ -84,7 +84,13 @@ def run(params: Params, tracker: Tracker) -> dict[str, Any]:
         load_reward_model(rm_dir), load_tokenizer(rm_dir), pairs
     )
     passed, reason = promotion_decision(
-        cfg.promotion_metric, results[CANDIDATE], results["sft"], None, cfg.promotion_max_accuracy_drop
+        cfg.promotion_metric,
+        results[CANDIDATE],
+        results["sft"],
+        None,
+        cfg.promotion_max_accuracy_drop,
+        aligned=results["aligned"],
+        max_compression_drop=cfg.promotion_max_compression_drop,
     )
     results["candidate"] = CANDIDATE
     results["suite_sha256"] = suite_fingerprint(records, cfg)

@@ -166,6 +166,8 @@ def promote(params: Params, tracker: Any) -> dict[str, Any]:
             results["sft"],
             champion_metrics,
             cfg.promotion_max_accuracy_drop,
+            aligned=results["aligned"],
+            max_compression_drop=cfg.promotion_max_compression_drop,
         )
         if promote_it and version is None:  # log_models: adapters registers winners only
             version = register_candidate(params, client, key, results, tracker)
@@ -185,6 +187,7 @@ def promote(params: Params, tracker: Any) -> dict[str, Any]:
         "metric": cfg.promotion_metric,
         "candidate": {k: candidate_metrics[k] for k in GATE_METRICS},
         "sft": {k: results["sft"][k] for k in GATE_METRICS},
+        "aligned": {k: results["aligned"][k] for k in GATE_METRICS},
         "champion": champion_metrics,
     }
     tracker.set_tags({TAG + "promoted": str(promote_it).lower(), TAG + "gate_reason": reason})
@@ -207,6 +210,7 @@ def _promotion_key(params: Params, candidate: str) -> dict[str, Any]:
         "alias": cfg.promotion_alias,
         "metric": cfg.promotion_metric,
         "max_drop": cfg.promotion_max_accuracy_drop,
+        "max_compression_drop": cfg.promotion_max_compression_drop,
     }
 
 

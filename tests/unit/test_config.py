@@ -590,6 +590,12 @@ NONSENSE = [
         "evaluate.promotion_max_accuracy_drop",
         r"must be in \[0, 1\]",
     ),
+    (
+        "evaluate.promotion_max_compression_drop",
+        -0.5,
+        "evaluate.promotion_max_compression_drop",
+        r"must be in \[0, 1\]",
+    ),
     # rag_index
     ("rag_index.docs_dir", "", "rag_index.docs_dir", r"must not be empty"),
     ("rag_index.uri", "", "rag_index.uri", r"must not be empty"),

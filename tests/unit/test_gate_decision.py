@@ -33,6 +33,32 @@ def test_within_max_drop_of_the_champion_promotes_and_beyond_it_does_not():
     assert not ok and "champion's 0.500" in reason
 
 
+def test_alignment_is_judged_uncompressed_and_compression_against_the_aligned_model():
+    # the SmolLM2 profile's numbers: DPO kept SFT's 0.617, int8 flipped three answers (0.592)
+    ok, reason = promotion_decision("accuracy", m(0.592), m(0.617), None, 0.02, m(0.617), 0.03)
+    assert ok and "aligned accuracy 0.617 >= sft 0.617" in reason and "within 0.03" in reason
+    ok, reason = promotion_decision("accuracy", m(0.583), m(0.617), None, 0.02, m(0.617), 0.03)
+    assert not ok and "more than 0.03 below the aligned model's 0.617" in reason
+    # exactly at the tolerance passes, though 0.617 - 0.03 is not 0.587 in floating point
+    assert promotion_decision("accuracy", m(0.59), m(0.62), None, 0.02, m(0.62), 0.03)[0]
+
+
+def test_an_aligned_model_below_sft_is_refused_whatever_compression_did():
+    # compression cannot launder a regression: a candidate above SFT made from a worse aligned model
+    ok, reason = promotion_decision("accuracy", m(0.38), m(0.375), None, 0.02, m(0.37), 0.03)
+    assert not ok and "aligned accuracy 0.370 is below sft 0.375" in reason
+    # and with no tolerance the candidate must keep every point of the aligned model's
+    assert not promotion_decision("accuracy", m(0.395), m(0.375), None, 0.02, m(0.40), 0.0)[0]
+    assert promotion_decision("accuracy", m(0.40), m(0.375), None, 0.02, m(0.40), 0.0)[0]
+
+
+def test_the_champion_still_bounds_a_compressed_candidate():
+    ok, reason = promotion_decision("accuracy", m(0.45), m(0.40), m(0.50), 0.02, m(0.46), 0.03)
+    assert not ok and "champion's 0.500" in reason
+    ok, reason = promotion_decision("accuracy", m(0.49), m(0.40), m(0.50), 0.02, m(0.50), 0.03)
+    assert ok and "champion's 0.500" in reason
+
+
 def test_the_chosen_metric_decides():
     candidate, sft, champion = m(0.30, reward=0.60), m(0.40, reward=0.50), m(0.45, reward=0.55)
     assert not promotion_decision("accuracy", candidate, sft, champion, 0.02)[0]
@@ -45,7 +71,12 @@ def test_suite_fingerprint_ignores_gate_settings_but_not_scoring_settings():
     records = [{"prompt": "add 1 and 2", "answer": "3", "task": "add"}]
     cfg = EvaluateConfig()
     base = suite_fingerprint(records, cfg)
-    gate_only = dataclasses.replace(cfg, promotion_max_accuracy_drop=0.5, promotion_metric="reward_mean")
+    gate_only = dataclasses.replace(
+        cfg,
+        promotion_max_accuracy_drop=0.5,
+        promotion_max_compression_drop=0.1,
+        promotion_metric="reward_mean",
+    )
     assert suite_fingerprint(records, gate_only) == base
     assert suite_fingerprint(records, dataclasses.replace(cfg, n_samples=3)) != base
     assert suite_fingerprint([{**records[0], "answer": "4"}], cfg) != base
