@@ -130,7 +130,12 @@ def local_server(timeout: float = 90.0) -> Iterator[str]:
         f"starting a local Prefect server on http://127.0.0.1:{port} (stopped when this command ends)",
         flush=True,
     )
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from tasks.stage import die_with_parent
+
+    # The server dies with this process even when it is SIGKILLed (a `finally` never runs then).
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+    )
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(api_url):

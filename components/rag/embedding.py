@@ -9,6 +9,7 @@ scores are comparable across queries.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from components.errors import MissingInputError, PosttrainError
 
 BUNDLED_MINILM = "minilm"
+CACHE_SIZE = 20_000  # vectors kept for repeated texts (384 floats each: about 30 MB)
 
 
 def resolve_model_path(name: str) -> Path:
@@ -58,27 +60,49 @@ class Embedder:
         if not dim:
             raise PosttrainError(f"embedding model at {self.path} does not report its output dimension")
         self.dim = int(dim)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> vector, least recent first
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, progress: bool = False, cache: bool = True
+    ) -> np.ndarray:
         """Embed ``texts`` in batches; returns an ``(n, dim)`` float32 array of unit vectors.
 
         The progress bar (tqdm on stderr) counts texts, so long ingests show how far they are.
+        With ``cache``, a text embedded before (by this embedder, among the last
+        :data:`CACHE_SIZE`) is not embedded again: evaluation and answering embed the same
+        questions and evidence sentences once per mode and per question (``rag eval`` on the
+        shipped docs spent two thirds of its time re-embedding them). Bulk ingest passes
+        ``cache=False``: its texts are new, and keeping them would only hold memory.
         """
         from tqdm.auto import tqdm
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not progress) as bar:
-            for start in range(0, len(texts), batch_size):
-                batch = list(texts[start : start + batch_size])
-                vectors = self.model.encode(
+        todo = [i for i, t in enumerate(texts) if not (cache and t in self._cache)]
+        for i, text in enumerate(texts):
+            if cache and text in self._cache:
+                out[i] = self._cache[text]
+                self._cache.move_to_end(text)
+        unique = list(dict.fromkeys(texts[i] for i in todo))  # a repeated text is embedded once
+        fresh = np.zeros((len(unique), self.dim), dtype=np.float32)
+        with tqdm(total=len(unique), desc="embedding", unit="chunk", disable=not progress) as bar:
+            for start in range(0, len(unique), batch_size):
+                batch = unique[start : start + batch_size]
+                fresh[start : start + len(batch)] = self.model.encode(
                     batch,
                     batch_size=batch_size,
                     normalize_embeddings=True,
                     convert_to_numpy=True,
                     show_progress_bar=False,
                 )
-                out[start : start + len(batch)] = vectors
                 bar.update(len(batch))
+        row = {text: k for k, text in enumerate(unique)}
+        for i in todo:
+            out[i] = fresh[row[texts[i]]]
+        if cache:
+            for text, vector in zip(unique, fresh, strict=True):
+                self._cache[text] = vector
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return out
 
 

@@ -189,7 +189,7 @@ def ingest(
 
     all_chunks = [c for _, chunks in per_doc for c in chunks]
     vectors = embedder.encode(
-        [c.embedding_text for c in all_chunks], batch_size=batch_size, progress=progress
+        [c.embedding_text for c in all_chunks], batch_size=batch_size, progress=progress, cache=False
     )
     offset = 0
     for source, chunks in per_doc:

@@ -3,7 +3,8 @@
 Runs ``posttrain`` as a user would (a subprocess in a fresh git + DVC repo) and checks what a
 user relies on: ``dvc.lock`` covers every stage, every metrics file exists, MLflow has one
 parent run with a nested run per stage, the Milvus collection holds the docs, a second run
-trains nothing, editing ``sft.learning_rate`` makes sft and its descendants (only) stale, and
+trains nothing, editing ``sft.learning_rate`` makes sft and its descendants (only) stale, a
+changed ``compress`` key re-runs exactly compress and evaluate, and
 ``dvc push``/``pull`` restore the outputs.
 """
 
@@ -107,6 +108,7 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
 
     # One param changed: sft and its descendants are stale; base, ingest and the rag stages are not.
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    shipped = yaml.safe_dump(params, sort_keys=False)
     params["sft"]["learning_rate"] = 0.004
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = posttrain(repo, "status").stdout
@@ -120,26 +122,33 @@ def test_full_run_then_noop_then_param_change(repo: Path) -> None:
         "evaluate",
         "multimodal",
     }
+    # Run a change with fewer descendants (the same mechanism, a third of the training time):
+    # exactly compress and evaluate re-run.
+    params = yaml.safe_load(shipped)
+    params["compress"]["n_fidelity_prompts"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = posttrain(repo, "run")
-    assert f"7 stage(s) executed, {len(STAGES) - 7} up to date" in third.stdout
+    assert f"2 stage(s) executed, {len(STAGES) - 2} up to date" in third.stdout
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["compress"]["params"]["params.yaml"]["compress.n_fidelity_prompts"] == 4
 
     # Two pipeline runs compare side by side: the parent runs carry params, metrics and lineage.
     parents = sorted(
         (r for r in mlflow_runs(repo) if r.info.run_name == "post-training"), key=lambda r: r.info.start_time
     )
     first_run, last_run = parents[0], parents[-1]
-    assert (first_run.data.params["sft.learning_rate"], last_run.data.params["sft.learning_rate"]) == (
-        "0.005",
-        "0.004",
-    )
+    assert (
+        first_run.data.params["compress.n_fidelity_prompts"],
+        last_run.data.params["compress.n_fidelity_prompts"],
+    ) == ("8", "4")
     assert (
         "sft.accuracy" in last_run.data.metrics and last_run.data.tags["posttrain.dvc_lock_sha256"] != "none"
     )
     evaluate_now = json.loads((repo / "metrics/evaluate.json").read_text())
     assert last_run.data.metrics["sft.perplexity"] == pytest.approx(evaluate_now["sft"]["perplexity"])
     table = posttrain(repo, "runs", "-n", "3").stdout
-    row = next(line for line in table.splitlines() if line.startswith("sft.learning_rate"))
-    assert row.split()[1:] == ["0.004", "0.005"], table
+    row = next(line for line in table.splitlines() if line.startswith("compress.n_fidelity_prompts"))
+    assert row.split()[1:] == ["4", "8"], table
 
     # The local DVC remote round-trips the outputs.
     sh([sys.executable, "-m", "dvc", "push", "-q"], repo)

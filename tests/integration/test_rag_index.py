@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from components.errors import PosttrainError
@@ -282,3 +283,24 @@ def test_lock_error_type_in_process(tmp_path):
     store = RagStore(uri, "c")
     store.close()
     store.close()  # closing twice is harmless
+
+
+def test_repeated_texts_are_embedded_once_and_get_the_same_vectors(embedder, monkeypatch):
+    texts = ["Trains to Kope leave hourly.", "The museum opens at nine.", "Trains to Kope leave hourly."]
+    fresh = get_embedder.__wrapped__("minilm")  # an uncached embedder: nothing seen yet
+    calls: list[list[str]] = []
+    encode = fresh.model.encode
+    monkeypatch.setattr(
+        fresh.model, "encode", lambda batch, **kw: calls.append(list(batch)) or encode(batch, **kw)
+    )
+    first = fresh.encode(texts)
+    assert calls == [texts[:2]]  # the repeat inside one call is embedded once
+    np.testing.assert_array_equal(first[0], first[2])
+    again = fresh.encode([texts[1], "A new sentence about ferries."])
+    assert calls[1:] == [["A new sentence about ferries."]]  # only the unseen text reaches the model
+    np.testing.assert_array_equal(again[0], first[1])
+    uncached = fresh.encode(texts[:2], cache=False)  # ingest's path: always the model
+    assert calls[2:] == [texts[:2]]
+    np.testing.assert_allclose(uncached, first[:2], atol=1e-6)
+    alone = embedder.encode(["The museum opens at nine."], cache=False)[0]
+    np.testing.assert_allclose(alone, first[1], atol=1e-5)  # batching does not change a vector

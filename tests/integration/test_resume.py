@@ -2,12 +2,14 @@
 
 Each case runs the stage's real command (``python -m tasks.<stage>``) three times on the tiny
 project: once uninterrupted, once killed as soon as its first checkpoint is on disk, and once
-more, which must say it resumed and must save the weights the uninterrupted run saved.
+more, which must say it resumed and must save the weights the uninterrupted run saved. The
+upstream stages run once, into a project every case copies (then gives its stage more steps).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,26 +25,24 @@ from tests.conftest import make_project
 
 pytestmark = pytest.mark.slow
 
-# case -> (stage, upstream stages, params overrides that give it enough steps to be killed mid-way,
+UPSTREAM = ("base", "ingest", "sft", "preferences", "reward_model")
+# case -> (stage, params overrides that give it enough steps to be killed mid-way,
 # the saved weights file). Trainer-based stages checkpoint through Trainer; PPO is our own loop.
 PPO = {"steps": 40, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 6}
 CASES = {
-    "sft": ("sft", (), {"sft": {"epochs": 8}}, "models/sft/adapter_model.safetensors"),
+    "sft": ("sft", {"sft": {"epochs": 8}}, "models/sft/adapter_model.safetensors"),
     "reward_model": (
         "reward_model",
-        ("sft", "preferences"),
         {"reward_model": {"epochs": 8, "batch_size": 4}},
         "models/reward_model/model.safetensors",
     ),
     "align-dpo": (
         "align",
-        ("sft", "preferences"),
         {"align": {"method": "dpo", "dpo": {"epochs": 8, "batch_size": 4}}},
         "models/aligned/adapter_model.safetensors",
     ),
     "align-ppo": (
         "align",
-        ("sft", "preferences", "reward_model"),
         {"align": {"method": "ppo", "ppo": PPO}},
         "models/aligned/adapter_model.safetensors",
     ),
@@ -63,12 +63,26 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, case: str) -> None:
-    stage, upstream, overrides, weights_file = CASES[case]
-    project = make_project(tmp_path / "project")
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project with every stage a case resumes (or reads) already run once."""
+    project = make_project(tmp_path_factory.mktemp("resume") / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["compute"]["checkpoint_steps"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in UPSTREAM:
+        _finish(_stage(project, name))
+    return project
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_killed_stage_resumes_to_the_uninterrupted_weights(
+    upstream: Path, tmp_path: Path, case: str
+) -> None:
+    stage, overrides, weights_file = CASES[case]
+    project = tmp_path / "project"
+    shutil.copytree(upstream, project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in overrides.items():
         for key, value in values.items():
             if isinstance(value, dict):
@@ -76,8 +90,6 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_weights(tmp_path: Path, cas
             else:
                 params[section][key] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name in ("base", "ingest", *upstream):
-        _finish(_stage(project, name))
 
     _finish(_stage(project, stage))
     uninterrupted = load_file(str(project / weights_file))

@@ -203,6 +203,9 @@ def test_serve_without_api_url_starts_and_stops_its_own_server(project: Path, tm
     finally:
         _stop(serve, signal.SIGINT)
     assert serve.returncode is not None
+    deadline = time.monotonic() + 30  # a graceful shutdown, or the parent-death signal after a kill
+    while _healthy(url) and time.monotonic() < deadline:
+        time.sleep(1)
     assert not _healthy(url), "the local server outlived `posttrain serve`"
 
 
