@@ -30,7 +30,7 @@ examples:
   posttrain run                          # everything stale, in DAG order
   posttrain run --stages sft evaluate    # just these (upstream must be up to date)
   posttrain run --force --stages align   # re-run even if DVC says it is up to date
-  posttrain run --profile smollm2-135m   # the real bundled model (2 CPU cores, ~25 min)
+  posttrain run --profile smollm2-135m   # the real bundled model (2 CPU cores, ~35 min)
   posttrain profile tiny                 # back to the tiny defaults (params.yaml edited in place)
   posttrain status                       # what a run would execute, and why
   posttrain validate                     # check params.yaml against the typed configs
