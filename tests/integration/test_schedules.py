@@ -1,8 +1,10 @@
-"""Schedules fire: a served deployment and a work-pool deployment each complete a flow run.
+"""Schedules fire: served deployments and a work-pool deployment each complete a flow run.
 
-A real ``prefect server`` runs on 127.0.0.1 (free port, temporary PREFECT_HOME); ``posttrain
-serve`` / ``posttrain deploy`` + ``prefect worker`` run as subprocesses in a fresh git + DVC
-project, and the flow runs only the cheap ``ingest`` stage.
+``posttrain serve`` with no PREFECT_API_URL starts (and stops) its own local server; the other
+cases use a real ``prefect server`` on 127.0.0.1 (free port, temporary PREFECT_HOME) through
+PREFECT_API_URL. ``posttrain serve`` / ``posttrain deploy`` + ``prefect worker`` run as
+subprocesses in a fresh git + DVC project; the post-training runs select only the cheap
+``ingest`` stage.
 """
 
 from __future__ import annotations
@@ -126,29 +128,6 @@ def _popen(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subproc
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def test_served_interval_schedule_completes_a_run(server: dict[str, str], project: Path) -> None:
-    log = project.parent / "serve.log"
-    serve = _popen(
-        [str(BIN / "posttrain"), "serve", "--interval", "10", "--stages", "ingest", "--name", "t-serve"],
-        project,
-        server,
-        log,
-    )
-    try:
-        elapsed = _wait_for_completed_run(server, "post-training/t-serve", [serve])
-        print(f"served run completed {elapsed:.0f} s after `posttrain serve` started")
-    except AssertionError:
-        print(log.read_text()[-4000:])
-        raise
-    finally:
-        _stop(serve, signal.SIGINT)  # Ctrl-C
-    assert (project / "data/processed").is_dir()
-    assert "ephemeral" not in log.read_text()
-    deployment = _deployment(server, "post-training/t-serve")
-    assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
-    assert deployment.parameters["stages"] == ["ingest"]
-
-
 def test_work_pool_deployment_runs_on_a_worker(server: dict[str, str], project: Path) -> None:
     proc = subprocess.run(
         [str(BIN / "posttrain"), "deploy", "--pool", "p", "--interval", "3600", "--stages", "ingest"],
@@ -181,28 +160,44 @@ def test_work_pool_deployment_runs_on_a_worker(server: dict[str, str], project: 
         _stop(worker, signal.SIGINT)
 
 
-def test_serve_without_api_url_starts_and_stops_its_own_server(project: Path, tmp_path: Path) -> None:
+def test_serve_without_api_url_runs_the_schedule_on_its_own_server_then_stops_it(
+    project: Path, tmp_path: Path
+) -> None:
+    """No PREFECT_API_URL: ``posttrain serve`` starts a local server, a run fires on the interval."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     env["PYTHONUNBUFFERED"] = "1"
     log = tmp_path / "serve.log"
     serve = _popen(
-        [str(BIN / "posttrain"), "serve", "--cron", "0 3 * * *", "--name", "t-own"], project, env, log
+        [str(BIN / "posttrain"), "serve", "--interval", "10", "--stages", "ingest", "--name", "t-own"],
+        project,
+        env,
+        log,
     )
     try:
         deadline = time.monotonic() + 120
         url = None
-        while url is None or "t-own" not in log.read_text():
+        while url is None:
             assert serve.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             for line in log.read_text().splitlines():
                 if line.startswith("starting a local Prefect server on "):
                     url = line.split()[6] + "/api"
             time.sleep(1)
-        assert _healthy(url)
+        own = {**env, "PREFECT_API_URL": url}
+        elapsed = _wait_for_completed_run(own, "post-training/t-own", [serve])
+        print(f"served run completed {elapsed:.0f} s after its deployment appeared")
+        deployment = _deployment(own, "post-training/t-own")
+        assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
+        assert deployment.parameters["stages"] == ["ingest"]
+    except AssertionError:
+        print(log.read_text()[-4000:])
+        raise
     finally:
-        _stop(serve, signal.SIGINT)
+        _stop(serve, signal.SIGINT)  # Ctrl-C
     assert serve.returncode is not None
+    assert (project / "data/processed").is_dir()
+    assert "ephemeral" not in log.read_text()
     deadline = time.monotonic() + 30  # a graceful shutdown, or the parent-death signal after a kill
     while _healthy(url) and time.monotonic() < deadline:
         time.sleep(1)
