@@ -55,22 +55,17 @@ def promotion_decision(
     if metric not in GATE_METRICS:
         raise ValueError(f"unknown promotion metric {metric!r} (one of {', '.join(GATE_METRICS)})")
     c, s = float(candidate[metric]), float(sft[metric])
-    if aligned is None:
-        if c < s - EPS:
-            return False, f"candidate {metric} {c:.3f} is below sft {s:.3f}"
-        verdict = f"candidate {metric} {c:.3f} >= sft {s:.3f}"
-    else:
-        a = float(aligned[metric])
-        if a < s - EPS:
-            return False, f"aligned {metric} {a:.3f} is below sft {s:.3f}"
+    a, made = (c, "candidate") if aligned is None else (float(aligned[metric]), "aligned")
+    if a < s - EPS:
+        return False, f"{made} {metric} {a:.3f} is below sft {s:.3f}"
+    verdict = f"{made} {metric} {a:.3f} >= sft {s:.3f}"
+    if aligned is not None:
         if c < a - max_compression_drop - EPS:
             return False, (
                 f"candidate {metric} {c:.3f} is more than {max_compression_drop} below "
                 f"the aligned model's {a:.3f} (compression cost too much)"
             )
-        verdict = (
-            f"aligned {metric} {a:.3f} >= sft {s:.3f}, candidate {c:.3f} within {max_compression_drop} of it"
-        )
+        verdict += f", candidate {c:.3f} within {max_compression_drop} of it"
     if champion is None:
         return True, f"{verdict}; no champion yet"
     h = float(champion[metric])

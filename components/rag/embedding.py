@@ -77,11 +77,13 @@ class Embedder:
         from tqdm.auto import tqdm
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        todo = [i for i, t in enumerate(texts) if not (cache and t in self._cache)]
+        todo = []  # positions whose text must go through the model
         for i, text in enumerate(texts):
             if cache and text in self._cache:
                 out[i] = self._cache[text]
                 self._cache.move_to_end(text)
+            else:
+                todo.append(i)
         unique = list(dict.fromkeys(texts[i] for i in todo))  # a repeated text is embedded once
         fresh = np.zeros((len(unique), self.dim), dtype=np.float32)
         with tqdm(total=len(unique), desc="embedding", unit="chunk", disable=not progress) as bar:
