@@ -86,8 +86,11 @@ def train_dpo(
     samples ``round_samples`` answers for each of ``prompts`` (the first ``round_prompts``),
     ``judge`` grades them (the verifier when None; see :func:`on_policy_pairs`), and the next
     round trains the same adapter on those fresh pairs. The reference stays the SFT policy (the
-    adapter disabled). A round that finds no pair (with the verifier: the policy is all right or
-    all wrong on every prompt) ends the loop early.
+    adapter disabled in round 1, a frozen copy of it in later rounds: given an adapter that
+    already trained and no ``ref_model``, TRL would take a copy of that adapter as the reference,
+    i.e. the previous round's policy, and in round 3 fail to add its "ref" adapter a second time).
+    A round that finds no pair (with the verifier: the policy is all right or all wrong on every
+    prompt) ends the loop early.
     """
     if not train_pairs:
         raise DataError("DPO needs at least one preference pair (preferences stage produced none)")
@@ -98,6 +101,7 @@ def train_dpo(
     model: Any = policy.model
     peft_config = policy.peft_config
     reference = load_policy(policy_dir) if cfg.peft.method == "full" else None
+    frozen_sft = reference  # the reference of rounds >= 2, loaded when a second round trains
     history: list[dict[str, float]] = []
     pairs: Sequence[dict[str, Any]] = train_pairs
     offset = 0
@@ -113,6 +117,8 @@ def train_dpo(
             )
             if not pairs:
                 break
+            if frozen_sft is None:
+                frozen_sft = load_policy(policy_dir).to(model.device)
         common = trainer_args(
             work_dir / f"round-{round_no}",
             seed=cfg.seed + round_no - 1,
@@ -141,8 +147,9 @@ def train_dpo(
             processing_class=tokenizer,
             peft_config=peft_config if round_no == 1 else None,  # later rounds continue the adapter
             # a full fine-tune's reference is the SFT policy itself (without it TRL would re-load
-            # config._name_or_path, which for a merged adapter chain is the base model)
-            ref_model=reference,
+            # config._name_or_path, which for a merged adapter chain is the base model); later
+            # rounds too (see the docstring)
+            ref_model=reference if round_no == 1 else frozen_sft,
             callbacks=[callback],
         )
         policy.settle(trainer)
