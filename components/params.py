@@ -449,12 +449,12 @@ class GRPOSettings:
     """
 
     learning_rate: LearningRate = 2e-4
-    steps: Count = 600
+    steps: Count = 1200
     prompts_per_step: Count = 8
     num_generations: Generations = 8
     max_new_tokens: Count = 12
     temperature: Positive = 1.0
-    beta: Annotated[float, Range(ge=0)] = 0.02
+    beta: Annotated[float, Range(ge=0)] = 0.0
     loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     epsilon: Annotated[float, Range(gt=0, lt=1)] = 0.2
@@ -518,7 +518,7 @@ class AlignConfig:
     reward: Annotated[str, OneOf(ALIGN_REWARDS)] = "verifier"
     rm_weight: Annotated[float, Range(ge=0)] = 1.0
     # the verifier's near-miss credit (position-matched characters); false = 1 for exact, else 0
-    partial_credit: bool = True
+    partial_credit: bool = False
     seed: Seed = 0
     n_report_prompts: Count = 64
     peft: PeftConfig = field(default_factory=PeftConfig)
