@@ -100,8 +100,8 @@ def train_dpo(
     )
     model: Any = policy.model
     peft_config = policy.peft_config
+    # a frozen SFT copy: from the start for a full fine-tune, from round 2 on for an adapter
     reference = load_policy(policy_dir) if cfg.peft.method == "full" else None
-    frozen_sft = reference  # the reference of rounds >= 2, loaded when a second round trains
     history: list[dict[str, float]] = []
     pairs: Sequence[dict[str, Any]] = train_pairs
     offset = 0
@@ -117,8 +117,8 @@ def train_dpo(
             )
             if not pairs:
                 break
-            if frozen_sft is None:
-                frozen_sft = load_policy(policy_dir).to(model.device)
+            if reference is None:
+                reference = load_policy(policy_dir).to(model.device)
         common = trainer_args(
             work_dir / f"round-{round_no}",
             seed=cfg.seed + round_no - 1,
@@ -149,7 +149,7 @@ def train_dpo(
             # a full fine-tune's reference is the SFT policy itself (without it TRL would re-load
             # config._name_or_path, which for a merged adapter chain is the base model); later
             # rounds too (see the docstring)
-            ref_model=reference if round_no == 1 else frozen_sft,
+            ref_model=reference,
             callbacks=[callback],
         )
         policy.settle(trainer)
