@@ -17,6 +17,10 @@ freshly built tiny model is used otherwise).
   ``python -m tasks.sft`` (the flow's cost per stage and per run);
 - sft: our ``train_sft`` (padded, and padding-free) vs a bare TRL ``SFTTrainer`` script on the
   bundled SmolLM2-135M-Instruct with the same data, LoRA and settings, as tokens/s;
+- rl: our PPO vs TRL's ``RLOOTrainer``, rollout + update samples/s on the same policy and batch;
+- grpo: our ``train_group_rl`` with the shipped ``align.grpo`` settings (zero-advantage
+  completions skipped in the loss pass), and with several steps sampled per generate call, vs a
+  bare TRL ``GRPOTrainer``, completions/s;
 - compression: greedy generation tokens/s of each ``compress.method`` against the fp32 merged
   model it came from (the workspace's ``models/compressed/merged``, i.e. whatever profile ran
   last), and the memory of one base + 4 Bit-Deltas served by ``DeltaServer`` against 4 full
@@ -38,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -443,6 +448,87 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
     ]
 
 
+def bench_grpo(repeats: int, steps: int = 32, batched_steps: int = 4) -> list[str]:
+    """Our ``train_group_rl`` (the shipped ``align.grpo`` settings) vs bare TRL ``GRPOTrainer``.
+
+    Same policy, prompts, LoRA, batch (8 prompts x 8 completions per step), learning rate, loss
+    and beta, fp32, no gradient checkpointing. Ours skips zero-advantage completions in the loss
+    pass (the same update: :func:`components.training.grpo.informative_rows`); a third row also
+    samples ``batched_steps`` steps' completions per generate call (``steps_per_generation``).
+    """
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from components.data.jsonl import read_jsonl
+    from components.params import GRPOSettings, PeftConfig
+    from components.tracking import RecordingTracker
+    from components.training.grpo import prompt_dataset, train_group_rl
+    from components.training.rewards import RewardFunction
+
+    prompts_file = ROOT / "data/processed/preference_prompts.jsonl"
+    sft = ROOT / "models/sft"
+    if not (prompts_file.exists() and sft.exists()):
+        return ["### GRPO throughput", "", "Skipped: run `make run` first (needs models/sft).", ""]
+    settings, peft_cfg = replace(GRPOSettings(), steps=steps), PeftConfig()
+    per_step = settings.prompts_per_step * settings.num_generations
+    records = read_jsonl(prompts_file)[: steps * settings.prompts_per_step]
+    reward = RewardFunction("verifier", partial_credit=False)
+    _, tokenizer, what = _policy()
+
+    def ours(spg: int) -> Callable[[], object]:
+        def run() -> object:
+            with tempfile.TemporaryDirectory() as tmp:
+                s = replace(settings, steps_per_generation=spg)
+                return train_group_rl("grpo", s, peft_cfg, 0, sft, tokenizer, records, reward,
+                                      RecordingTracker(), Path(tmp) / "ck")  # fmt: skip
+
+        return run
+
+    def bare() -> object:
+        model, _, _ = _policy()
+        with tempfile.TemporaryDirectory() as tmp:
+            args = GRPOConfig(
+                output_dir=tmp, max_steps=steps, per_device_train_batch_size=per_step,
+                num_generations=settings.num_generations, max_completion_length=settings.max_new_tokens,
+                learning_rate=settings.learning_rate, lr_scheduler_type="constant", beta=settings.beta,
+                loss_type=settings.loss_type, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                gradient_checkpointing=False, disable_tqdm=True,
+            )  # fmt: skip
+            lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(peft_cfg.lora.target_modules),
+                              modules_to_save=list(peft_cfg.modules_to_save))  # fmt: skip
+            trainer = GRPOTrainer(model=model, reward_funcs=reward.trl(), args=args,
+                                  train_dataset=prompt_dataset(records), processing_class=tokenizer,
+                                  peft_config=lora)  # fmt: skip
+            return trainer.train()
+
+    runs = {"ours": ours(settings.steps_per_generation), "batched": ours(batched_steps), "bare": bare}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # alternately, so drift hits every side alike
+        for name, fn in runs.items():
+            times[name].append(median_seconds(fn, 1))
+    t = {name: statistics.median(v) for name, v in times.items()}
+    n = steps * per_step
+    rows = {
+        "ours": f"ours (`train_group_rl`, steps_per_generation {settings.steps_per_generation})",
+        "batched": f"ours, steps_per_generation {batched_steps} (that many steps sampled per generate call)",
+        "bare": "bare TRL GRPOTrainer (one generate call per step)",
+    }
+    return [
+        "### GRPO throughput: `align.grpo` defaults vs bare TRL GRPOTrainer",
+        "",
+        f"{what}; {steps} steps of {settings.prompts_per_step} prompts x {settings.num_generations} "
+        f"completions (at most {settings.max_new_tokens} tokens), exact-match verifier reward, LoRA r=16 "
+        f"on all 7 projections (+ embeddings and LM head), loss `{settings.loss_type}`, beta "
+        f"{settings.beta}, fp32 on CPU; seconds are whole calls (load, train). Ours skips the completions "
+        "of uniform groups (advantage 0, no gradient under this loss) in the forward/backward pass.",
+        "",
+        "| | seconds | completions/s | ratio to bare TRL |",
+        "|---|---|---|---|",
+        *(f"| {rows[k]} | {t[k]:.1f} | {n / t[k]:.1f} | {t['bare'] / t[k]:.2f}x |" for k in rows),
+        "",
+    ]
+
+
 def bench_rag_parse(repeats: int, n_files: int = 4, kb_per_file: int = 300) -> list[str]:
     """Our ``parse_documents`` vs bare sequential ``partition()`` (defaults) on the same text files."""
     from unstructured.partition.auto import partition
@@ -634,6 +720,7 @@ def main() -> None:
             "stage_overhead",
             "sft",
             "rl",
+            "grpo",
             "compression",
             "rag_ingest",
             "rag_latency",
@@ -651,6 +738,7 @@ def main() -> None:
         "stage_overhead": bench_stage_overhead,
         "sft": bench_sft,
         "rl": bench_rl,
+        "grpo": bench_grpo,
         "compression": bench_compression,
         "rag_ingest": rag.bench_rag_ingest,
         "rag_latency": rag.bench_rag_latency,

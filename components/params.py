@@ -445,13 +445,16 @@ class GRPOSettings:
     """TRL ``GRPOTrainer``: ``num_generations`` samples per prompt, the group mean as baseline.
 
     ``prompts_per_step * num_generations`` completions per optimizer step; ``beta`` weighs
-    KL(policy || SFT) in the loss (0 skips the reference forward pass).
+    KL(policy || SFT) in the loss (0 skips the reference forward pass). ``steps_per_generation``
+    samples the completions of that many steps in one batch; the steps after the first are
+    slightly off-policy and weighted by the clipped importance ratio (``epsilon``).
     """
 
     learning_rate: LearningRate = 2e-4
-    steps: Count = 1200
+    steps: Count = 1550
     prompts_per_step: Count = 8
     num_generations: Generations = 8
+    steps_per_generation: Count = 1
     max_new_tokens: Count = 12
     temperature: Positive = 1.0
     beta: Annotated[float, Range(ge=0)] = 0.0
@@ -462,12 +465,16 @@ class GRPOSettings:
 
 @dataclass(frozen=True)
 class RLOOSettings:
-    """TRL ``RLOOTrainer``: leave-one-out baseline over ``num_generations`` samples; KL in the reward."""
+    """TRL ``RLOOTrainer``: leave-one-out baseline over ``num_generations`` samples; KL in the reward.
+
+    ``steps_per_generation`` as in :class:`GRPOSettings`.
+    """
 
     learning_rate: LearningRate = 2e-4
     steps: Count = 600
     prompts_per_step: Count = 8
     num_generations: Generations = 8
+    steps_per_generation: Count = 1
     max_new_tokens: Count = 12
     temperature: Positive = 1.0
     beta: Annotated[float, Range(ge=0)] = 0.02

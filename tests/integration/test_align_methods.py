@@ -10,6 +10,7 @@ clear error (and no half-written output) for bad inputs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from components.errors import DataError
+from components.tracking import RecordingTracker
 from tests.conftest import make_project
 from tests.integration import test_stages
 from tests.integration.test_stages import TrainingRun, check_lora_run, no_temp_dirs, run_stage
@@ -28,9 +30,17 @@ trainer_runs = test_stages.trainer_runs  # the fixture that spies on Trainer.tra
 pytestmark = pytest.mark.slow
 
 REPORT_KEYS = {"reward_mean_start", "reward_mean_end", "accuracy_start", "accuracy_end", "kl_to_ref"}
+# steps_per_generation 2: the 4 steps sample twice (see the spy below)
+GROUP_RL = {
+    "steps": 4,
+    "prompts_per_step": 4,
+    "num_generations": 4,
+    "max_new_tokens": 6,
+    "steps_per_generation": 2,
+}
 SHORT = {
-    "grpo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
-    "rloo": {"steps": 3, "prompts_per_step": 4, "num_generations": 4, "max_new_tokens": 6},
+    "grpo": GROUP_RL,
+    "rloo": GROUP_RL,
     "ppo": {"steps": 3, "batch_size": 8, "minibatch_size": 4, "max_new_tokens": 6},
 }
 
@@ -75,12 +85,31 @@ def check_adapter_over_sft(project: Path) -> None:
         assert not torch.allclose(loaded(ids).logits, reference(ids).logits)
 
 
+def spy_generation_batches(trainer_cls: type, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many completions each of the trainer's sampling rounds produced, in order."""
+    sizes: list[int] = []
+    original = trainer_cls._generate_and_score_completions
+
+    def spy(self, inputs):  # noqa: ANN001, ANN202 - TRL's signature
+        out = original(self, inputs)
+        sizes.append(len(out["completion_ids"]))
+        return out
+
+    monkeypatch.setattr(trainer_cls, "_generate_and_score_completions", spy)
+    return sizes
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_trl_online_methods_train_an_adapter_and_report_held_out_reward(
-    project: Path, method: str, trainer_runs: list[TrainingRun]
+    project: Path, method: str, trainer_runs: list[TrainingRun], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from trl import GRPOTrainer, RLOOTrainer
+
     set_align(project, method=method, reward="verifier", **{method: SHORT[method]})
+    trainer_cls = GRPOTrainer if method == "grpo" else RLOOTrainer
+    sampled_batches = spy_generation_batches(trainer_cls, monkeypatch)
     metrics, tracker = run_stage("align")
+    assert sampled_batches == [32, 32], "two sampling rounds, each of 2 steps x 4 prompts x 4 completions"
     assert metrics["method"] == method
     assert REPORT_KEYS <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("reward_mean_start", "reward_mean_end"))
@@ -93,6 +122,66 @@ def test_trl_online_methods_train_an_adapter_and_report_held_out_reward(
     curve = (project / "plots/align_reward.csv").read_text().splitlines()
     assert curve[0] == "step,reward" and len(curve) > 1
     assert no_temp_dirs(project / "models")
+
+
+class HalfUniformReward:
+    """A reward whose groups are uniform for about half the prompts (constant 1) and graded for the rest."""
+
+    def __init__(self) -> None:
+        from components.training.rewards import RewardFunction
+
+        self.graded = RewardFunction("verifier").trl()  # partial credit: groups rarely all alike
+
+    def trl(self) -> Any:
+        def reward(prompts: list, completions: list, answer: list[str], **_: Any) -> list[float]:
+            graded = self.graded(prompts=prompts, completions=completions, answer=answer)
+            return [1.0 if len(p[-1]["content"]) % 2 else g for p, g in zip(prompts, graded, strict=True)]
+
+        reward.__name__ = "half_uniform"
+        return reward
+
+
+def test_grpo_skips_zero_advantage_completions_without_changing_the_update(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dapo with beta 0: a uniform group adds nothing to the gradient, so skipping it changes no weight."""
+    from components.data.jsonl import read_jsonl
+    from components.models.loading import load_tokenizer
+    from components.params import GRPOSettings, load_params
+    from components.training import grpo
+
+    params = load_params(project / "params.yaml")
+    settings = GRPOSettings(steps=3, prompts_per_step=4, num_generations=4, max_new_tokens=6, beta=0.0)
+    assert settings.loss_type in grpo.EXACT_SKIP_LOSSES
+    lora = replace(params.align.peft, method="lora")  # whatever an earlier test left in params.yaml
+    records = read_jsonl(project / "data/processed/preference_prompts.jsonl")[:12]
+    tokenizer = load_tokenizer(project / "models/sft")
+
+    def train(name: str) -> dict[str, torch.Tensor]:
+        model, _ = grpo.train_group_rl(
+            "grpo", settings, lora, 0, project / "models/sft", tokenizer, records, HalfUniformReward(),
+            RecordingTracker(), tmp_path / name / "ck", params.compute,
+        )  # fmt: skip
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    rows: list[tuple[int, int]] = []
+    original = grpo.informative_rows
+
+    def counting(inputs: dict[str, Any]) -> dict[str, Any]:
+        out = original(inputs)
+        rows.append((len(inputs["advantages"]), len(out["advantages"])))
+        return out
+
+    monkeypatch.setattr(grpo, "informative_rows", counting)
+    skipped = train("skipped")
+    assert len(rows) == 3 and sum(n for n, _ in rows) == 3 * 16
+    assert 0 < sum(k for _, k in rows) < 3 * 16, f"some rows skipped, some trained: {rows}"
+    monkeypatch.setattr(grpo, "informative_rows", lambda inputs: inputs)
+    full = train("full")
+    assert skipped.keys() == full.keys()
+    assert any(".lora_B." in n and t.any() for n, t in full.items()), "the update moved the adapter"
+    for name, tensor in full.items():
+        torch.testing.assert_close(skipped[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_ppo_trains_an_adapter_with_its_statistics(project: Path) -> None:

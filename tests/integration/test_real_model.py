@@ -258,7 +258,8 @@ def test_online_alignment_runs_on_the_real_model(run: dict[str, Any], method: st
     params["align"] |= {"method": method, "reward": "verifier", "n_report_prompts": 2}
     params["align"]["peft"]["lora"] |= {"r": 8, "alpha": 16}
     params["align"]["peft"]["modules_to_save"] = []
-    params["align"]["grpo"] |= {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 8}
+    params["align"]["grpo"] |= {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 8,
+                                "steps_per_generation": 1}  # fmt: skip
     params["align"]["ppo"] |= {"steps": 1, "batch_size": 2, "minibatch_size": 2, "max_new_tokens": 8}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from components.evaluation.prompting import COT_INSTRUCTION, final_line, prompt_for, shots_by_task
+from components.training.grpo import informative_rows
 from components.training.rewards import RewardFunction
 from flows.compare import render, rows_from_exp_show
 
@@ -167,3 +169,25 @@ def test_compare_peft_view_shows_each_method_in_readable_units(tmp_path) -> None
     table = render(rows, markdown=True, view="peft").splitlines()
     assert table[0].startswith("| experiment | method | trainable | trainable_% | peak_mb |")
     assert chart(rows, tmp_path / "p.png", "peft").stat().st_size > 1000
+
+
+def test_informative_rows_drops_zero_advantage_completions_and_keeps_the_normaliser() -> None:
+    batch = {
+        "completion_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]),
+        "completion_mask": torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]]),
+        "advantages": torch.tensor([0.0, 1.5, 0.0, -0.5]),
+        "num_items_in_batch": torch.tensor(7),  # all four completions' tokens: the loss normaliser
+    }
+    out = informative_rows(batch)
+    assert out["completion_ids"].tolist() == [[3, 4], [7, 8]]
+    assert out["completion_mask"].tolist() == [[1, 0], [1, 1]]
+    assert out["advantages"].tolist() == [1.5, -0.5]
+    assert out["num_items_in_batch"].item() == 7
+    assert batch["advantages"].tolist() == [0.0, 1.5, 0.0, -0.5], "the trainer's buffer is left intact"
+
+
+def test_informative_rows_keeps_one_row_of_a_uniform_batch_and_everything_of_an_informative_one() -> None:
+    uniform = {"advantages": torch.zeros(3), "completion_ids": torch.tensor([[1], [2], [3]])}
+    assert informative_rows(uniform)["completion_ids"].tolist() == [[1]]
+    informative = {"advantages": torch.tensor([0.5, -0.5]), "completion_ids": torch.tensor([[1], [2]])}
+    assert informative_rows(informative) is informative
