@@ -18,7 +18,9 @@ A group whose completions all score alike has advantage 0 everywhere, and with t
 loss is a sum over tokens divided by the token count of the whole generation batch, which TRL
 computes before the loss pass. GRPO therefore skips those rows in its forward and backward pass
 (:func:`informative_rows`): the same update for less compute. With the exact-match verifier about
-half of the groups are uniform (all right or all wrong), so a step costs about a third less.
+half of the groups are uniform (all right or all wrong); a default run's steps cost about a fifth
+less on 2 cores. TRL's per-step ``entropy`` and clip ratios then cover the informative
+completions only (``frac_reward_zero_std`` still counts every group).
 """
 
 from __future__ import annotations
