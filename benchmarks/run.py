@@ -376,6 +376,49 @@ def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
     ]
 
 
+def _bare_trl_online(
+    trainer_cls: type,
+    config_cls: type,
+    records: Sequence[dict],
+    tokenizer: Any,
+    reward: Any,
+    peft_cfg: Any,
+    **config: Any,
+) -> object:
+    """A bare TRL online trainer (GRPO, RLOO) on the SFT policy: LoRA r=16, fp32 on CPU, no checkpoints."""
+    from peft import LoraConfig
+
+    from components.training.grpo import prompt_dataset
+
+    model, _, _ = _policy()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = config_cls(
+            output_dir=tmp,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            **config,
+        )
+        lora = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=list(peft_cfg.lora.target_modules),
+            modules_to_save=list(peft_cfg.modules_to_save),
+        )
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=reward.trl(),
+            args=args,
+            train_dataset=prompt_dataset(records),
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+        return trainer.train()
+
+
 def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens: int = 8) -> list[str]:
     """Our PPO vs TRL's RLOO: rollout + update throughput on the same policy, prompts and batch.
 
@@ -383,14 +426,12 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
     minimum group), score them with the verifier and take one optimizer pass over them; LoRA
     r=16 on the same modules, fp32, no gradient checkpointing.
     """
-    from peft import LoraConfig
     from trl import RLOOConfig, RLOOTrainer
 
     from components.data.jsonl import read_jsonl
     from components.evaluation.generate import chat_prompt_ids
     from components.params import PeftConfig, PPOConfig
     from components.peft.methods import library_config
-    from components.training.grpo import prompt_dataset
     from components.training.ppo import train_ppo
     from components.training.rewards import RewardFunction
 
@@ -412,19 +453,20 @@ def bench_rl(repeats: int, steps: int = 8, completions: int = 32, max_new_tokens
         )
 
     def bare() -> object:
-        model, _, _ = _policy()
-        with tempfile.TemporaryDirectory() as tmp:
-            args = RLOOConfig(
-                output_dir=tmp, max_steps=steps, per_device_train_batch_size=completions, num_generations=2,
-                max_completion_length=max_new_tokens, learning_rate=1e-4, beta=0.05, save_strategy="no",
-                report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
-            )  # fmt: skip
-            lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(peft_cfg.lora.target_modules),
-                              modules_to_save=list(peft_cfg.modules_to_save))  # fmt: skip
-            trainer = RLOOTrainer(model=model, reward_funcs=reward.trl(), args=args,
-                                  train_dataset=prompt_dataset(records), processing_class=tokenizer,
-                                  peft_config=lora)  # fmt: skip
-            return trainer.train()
+        return _bare_trl_online(
+            RLOOTrainer,
+            RLOOConfig,
+            records,
+            tokenizer,
+            reward,
+            peft_cfg,
+            max_steps=steps,
+            per_device_train_batch_size=completions,
+            num_generations=2,
+            max_completion_length=max_new_tokens,
+            learning_rate=1e-4,
+            beta=0.05,
+        )
 
     t_ours, t_bare = [], []
     for _ in range(repeats):
@@ -456,13 +498,12 @@ def bench_grpo(repeats: int, steps: int = 32, batched_steps: int = 4) -> list[st
     pass (the same update: :func:`components.training.grpo.informative_rows`); a third row also
     samples ``batched_steps`` steps' completions per generate call (``steps_per_generation``).
     """
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from components.data.jsonl import read_jsonl
     from components.params import GRPOSettings, PeftConfig
     from components.tracking import RecordingTracker
-    from components.training.grpo import prompt_dataset, train_group_rl
+    from components.training.grpo import train_group_rl
     from components.training.rewards import RewardFunction
 
     prompts_file = ROOT / "data/processed/preference_prompts.jsonl"
@@ -485,21 +526,22 @@ def bench_grpo(repeats: int, steps: int = 32, batched_steps: int = 4) -> list[st
         return run
 
     def bare() -> object:
-        model, _, _ = _policy()
-        with tempfile.TemporaryDirectory() as tmp:
-            args = GRPOConfig(
-                output_dir=tmp, max_steps=steps, per_device_train_batch_size=per_step,
-                num_generations=settings.num_generations, max_completion_length=settings.max_new_tokens,
-                learning_rate=settings.learning_rate, lr_scheduler_type="constant", beta=settings.beta,
-                loss_type=settings.loss_type, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-                gradient_checkpointing=False, disable_tqdm=True,
-            )  # fmt: skip
-            lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(peft_cfg.lora.target_modules),
-                              modules_to_save=list(peft_cfg.modules_to_save))  # fmt: skip
-            trainer = GRPOTrainer(model=model, reward_funcs=reward.trl(), args=args,
-                                  train_dataset=prompt_dataset(records), processing_class=tokenizer,
-                                  peft_config=lora)  # fmt: skip
-            return trainer.train()
+        return _bare_trl_online(
+            GRPOTrainer,
+            GRPOConfig,
+            records,
+            tokenizer,
+            reward,
+            peft_cfg,
+            max_steps=steps,
+            per_device_train_batch_size=per_step,
+            num_generations=settings.num_generations,
+            max_completion_length=settings.max_new_tokens,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type="constant",
+            beta=settings.beta,
+            loss_type=settings.loss_type,
+        )
 
     runs = {"ours": ours(settings.steps_per_generation), "batched": ours(batched_steps), "bare": bare}
     times: dict[str, list[float]] = {name: [] for name in runs}
