@@ -459,7 +459,7 @@ class GRPOSettings:
     temperature: Positive = 1.0
     beta: Annotated[float, Range(ge=0)] = 0.0
     loss_type: Annotated[str, OneOf(GRPO_LOSS_TYPES)] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "batch"
     epsilon: Annotated[float, Range(gt=0, lt=1)] = 0.2
 
 

@@ -167,8 +167,9 @@ def _gone(proc: psutil.Process) -> bool:
 
 
 def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    top = subprocess.Popen(cmd, cwd=repo, env=_env(repo), **quiet)
+    log_path = repo.parent / f"killed-{Path(cmd[0]).name}-{len(cmd)}.log"  # read back only on failure
+    log = log_path.open("wb")
+    top = subprocess.Popen(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=subprocess.STDOUT)
     try:
         parent = psutil.Process(top.pid)
         stage = _wait_for(lambda: _stage_process(parent, "tasks.base"), 240, "tasks.base to start")
@@ -180,7 +181,12 @@ def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
         top.wait(timeout=30)
         _wait_for(lambda: runner is None or _gone(runner), 60, "dvc to stop")
         _wait_for(lambda: _gone(stage), 60, "the tasks.base process to stop")
-        _wait_for(lambda: not list((repo / "models").glob(".base.tmp-*")), 30, "its work dir to go")
+        try:
+            _wait_for(lambda: not list((repo / "models").glob(".base.tmp-*")), 30, "its work dir to go")
+        except AssertionError as exc:  # say whose directory it is and what the stage printed
+            left = [p.name for p in (repo / "models").glob(".base.tmp-*")]
+            tail = log_path.read_bytes()[-3000:].decode(errors="replace")
+            raise AssertionError(f"{exc}: {left} left; stage pid {stage.pid}; output tail:\n{tail}") from None
         # `posttrain run`'s temporary Prefect server (uvicorn) outlives a SIGKILL of its parent; it
         # is not a stage, but left running it holds a port and CPU for the rest of the suite.
         for leftover in family:
@@ -191,6 +197,7 @@ def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
         if top.poll() is None:
             top.kill()
             top.wait()
+        log.close()
 
 
 @pytest.mark.slow
