@@ -168,8 +168,8 @@ def _gone(proc: psutil.Process) -> bool:
 
 def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
     log_path = repo.parent / f"killed-{Path(cmd[0]).name}-{len(cmd)}.log"  # read back only on failure
-    log = log_path.open("wb")
-    top = subprocess.Popen(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as log:  # the child writes through its own copy of the descriptor
+        top = subprocess.Popen(cmd, cwd=repo, env=_env(repo), stdout=log, stderr=subprocess.STDOUT)
     try:
         parent = psutil.Process(top.pid)
         stage = _wait_for(lambda: _stage_process(parent, "tasks.base"), 240, "tasks.base to start")
@@ -197,7 +197,6 @@ def _kill_mid_training(repo: Path, cmd: list[str]) -> None:
         if top.poll() is None:
             top.kill()
             top.wait()
-        log.close()
 
 
 @pytest.mark.slow
