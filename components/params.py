@@ -801,7 +801,7 @@ class MultimodalConfig:
     n_eval: Count = 200
     image_size: Annotated[int, Range(ge=32, le=512)] = 160  # encoder input; 224 gives 7x7 features, 160 5x5
     max_objects: Annotated[int, Range(ge=1, le=9)] = 4
-    steps: Count = 500
+    steps: Count = 300
     batch_size: Count = 16
     learning_rate: Positive = 2e-3
     caption_share: Fraction = 0.0  # extra caption rows ("describe the picture.") per training row

@@ -243,6 +243,15 @@ def test_mobilenet_weights_load_strictly_and_are_checked(tmp_path):
         vision.pretrained_state_dict(tampered)
 
 
+def test_encoding_in_batches_gives_each_image_its_own_features():
+    """The batch size is a speed knob only: an image's features do not depend on its neighbours."""
+    encoder = vision.frozen_encoder()
+    images = torch.rand(11, 3, 96, 96)
+    one_by_one = torch.cat([vision.encode(encoder, images[i : i + 1]) for i in range(len(images))])
+    for batch_size in (4, 8, 64):
+        torch.testing.assert_close(vision.encode(encoder, images, batch_size=batch_size), one_by_one)
+
+
 # ------------------------------------------------------------------ the task and bad inputs
 
 
