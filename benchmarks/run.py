@@ -21,6 +21,8 @@ freshly built tiny model is used otherwise).
 - grpo: our ``train_group_rl`` with the shipped ``align.grpo`` settings (zero-advantage
   completions skipped in the loss pass), and with several steps sampled per generate call, vs a
   bare TRL ``GRPOTrainer``, completions/s;
+- mm_encode: :func:`components.multimodal.vision.encode` (8 images per forward) vs the same
+  frozen MobileNetV2 run over batches of 64 and over the whole set at once, images/s;
 - compression: greedy generation tokens/s of each ``compress.method`` against the fp32 merged
   model it came from (the workspace's ``models/compressed/merged``, i.e. whatever profile ran
   last), and the memory of one base + 4 Bit-Deltas served by ``DeltaServer`` against 4 full
@@ -746,6 +748,43 @@ def bench_compression(repeats: int, n_prompts: int = 40, max_new_tokens: int = 1
     ]
 
 
+def bench_mm_encode(repeats: int, n_images: int = 256, size: int = 160) -> list[str]:
+    """The multimodal stage's image encoding: our small batches vs larger ones, same features."""
+    from components.multimodal import vision
+
+    encoder = vision.frozen_encoder()
+    pixels = torch.rand(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    sides = {
+        f"ours: `vision.encode`, {vision.ENCODE_BATCH_SIZE} images per forward": vision.ENCODE_BATCH_SIZE,
+        "batches of 64 (the stage's choice until 2026-12-06)": 64,
+        f"the whole set in one forward ({n_images})": n_images,
+    }
+    reference = vision.encode(encoder, pixels)
+    for batch_size in sides.values():  # the same features whatever the batch
+        torch.testing.assert_close(vision.encode(encoder, pixels, batch_size=batch_size), reference)
+    seconds: dict[str, list[float]] = {}
+    for _ in range(repeats):  # alternate: load drifts hit all sides alike
+        for name, batch_size in sides.items():
+            seconds.setdefault(name, []).append(
+                median_seconds(lambda b=batch_size: vision.encode(encoder, pixels, batch_size=b), 1)
+            )
+    med = {n: statistics.median(v) for n, v in seconds.items()}
+    ours = next(iter(sides))
+    rows = [f"| {n} | {med[n]:.2f} | {n_images / med[n]:.0f} | {med[n] / med[ours]:.2f}x |" for n in sides]
+    return [
+        f"### Image encoding: frozen ImageNet MobileNetV2, {n_images} images of {size} px "
+        "(the multimodal stage's features)",
+        "",
+        "| how | seconds (median) | images/s | time vs ours |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "All three give the same features (checked before timing). On CPU the small batches keep the "
+        "depthwise convolutions' activations in cache; the stage encodes 1,400 images per run.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -764,6 +803,7 @@ def main() -> None:
             "rl",
             "grpo",
             "compression",
+            "mm_encode",
             "rag_ingest",
             "rag_latency",
             "rag_100k",
@@ -782,6 +822,7 @@ def main() -> None:
         "rl": bench_rl,
         "grpo": bench_grpo,
         "compression": bench_compression,
+        "mm_encode": bench_mm_encode,
         "rag_ingest": rag.bench_rag_ingest,
         "rag_latency": rag.bench_rag_latency,
         "rag_100k": rag.bench_rag_100k,

@@ -131,14 +131,17 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
+ENCODE_BATCH_SIZE = 8  # images per forward in :func:`encode` (see there: a speed knob only)
+
+
 @torch.no_grad()
 def encode(
-    encoder: MobileNetV2, pixels: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 8
+    encoder: MobileNetV2, pixels: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = ENCODE_BATCH_SIZE
 ) -> torch.Tensor:
     """Images (each 3xSxS in [0, 1]) -> visual features (N, h*w, 1280), one vector per map cell.
 
     Small batches are faster on CPU: 8 images of 160 px keep the depthwise convolutions'
-    activations in cache: 2.5x the throughput of batches of 64 on 2 threads, and the same
+    activations in cache: 2.1x the throughput of batches of 64 on 2 threads (BENCHMARKS.md), the same
     features (bit-identical here; an image's features never depend on its neighbours).
     """
     stacked = torch.stack(list(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
