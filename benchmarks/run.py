@@ -69,6 +69,16 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def alternating_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each side, timed one after the other within every repeat (so drift in the
+    machine's load hits every side alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(median_seconds(fn, 1))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def _policy() -> tuple[object, object, str]:
     from components.models.loading import load_tokenizer
     from components.peft.adapters import load_policy
@@ -349,13 +359,7 @@ def bench_sft(repeats: int, n_examples: int = 64) -> list[str]:
         len(x) for x in completion_dataset(tok, records, {tok.eos_token_id}, "", cfg.max_length)["input_ids"]
     )
     runs = {"ours": ours(False), "ours_free": ours(True), "bare": bare}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):  # alternately, so drift hits every side alike
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    t = {name: statistics.median(v) for name, v in times.items()}
+    t = alternating_medians(runs, repeats)
     rate = {name: tokens["ours"] * cfg.epochs / t[name] for name in t}
     return [
         f"### SFT throughput: SmolLM2-135M-Instruct, {len(records)} task examples, LoRA r={cfg.peft.lora.r} "
@@ -546,11 +550,7 @@ def bench_grpo(repeats: int, steps: int = 32, batched_steps: int = 4) -> list[st
         )
 
     runs = {"ours": ours(settings.steps_per_generation), "batched": ours(batched_steps), "bare": bare}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):  # alternately, so drift hits every side alike
-        for name, fn in runs.items():
-            times[name].append(median_seconds(fn, 1))
-    t = {name: statistics.median(v) for name, v in times.items()}
+    t = alternating_medians(runs, repeats)
     n = steps * per_step
     rows = {
         "ours": f"ours (`train_group_rl`, steps_per_generation {settings.steps_per_generation})",
@@ -650,13 +650,8 @@ def bench_stage_overhead(repeats: int, stage: str = "sft") -> list[str]:
             [sys.executable, "-m", f"tasks.{stage}"], cwd=ROOT, env=env, check=True, capture_output=True
         )
 
-    times = {"flow": [], "bare": []}
-    for _ in range(repeats):
-        for name, fn in (("bare", bare), ("flow", flow)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    t_flow, t_bare = statistics.median(times["flow"]), statistics.median(times["bare"])
+    t = alternating_medians({"bare": bare, "flow": flow}, repeats)
+    t_flow, t_bare = t["flow"], t["bare"]
     t_task = statistics.median(per_stage) if per_stage else float("nan")
     return [
         f"### Flow overhead on one stage: `{stage}` on the tiny model (seeded: the same outputs each time)",
@@ -718,11 +713,7 @@ def bench_compression(repeats: int, n_prompts: int = 40, max_new_tokens: int = 1
 
         return go
 
-    seconds = {}
-    for _ in range(repeats):  # alternate the methods within each repeat: load drifts hit all alike
-        for name, model in models.items():
-            seconds.setdefault(name, []).append(median_seconds(run(model, name), 1))
-    med = {n: statistics.median(v) for n, v in seconds.items()}
+    med = alternating_medians({name: run(model, name) for name, model in models.items()}, repeats)
     ref = "fp32 merged (reference)"
     rate = {n: tokens[n] / med[n] for n in models}
     rows = [f"| {n} | {med[n]:.2f} | {rate[n]:.0f} | {rate[n] / rate[ref]:.2f}x |" for n in models]
@@ -759,17 +750,13 @@ def bench_mm_encode(repeats: int, n_images: int = 256, size: int = 160) -> list[
         "batches of 64 (the stage's choice until 2026-12-06)": 64,
         f"the whole set in one forward ({n_images})": n_images,
     }
-    reference = vision.encode(encoder, pixels)
-    for batch_size in sides.values():  # the same features whatever the batch
-        torch.testing.assert_close(vision.encode(encoder, pixels, batch_size=batch_size), reference)
-    seconds: dict[str, list[float]] = {}
-    for _ in range(repeats):  # alternate: load drifts hit all sides alike
-        for name, batch_size in sides.items():
-            seconds.setdefault(name, []).append(
-                median_seconds(lambda b=batch_size: vision.encode(encoder, pixels, batch_size=b), 1)
-            )
-    med = {n: statistics.median(v) for n, v in seconds.items()}
-    ours = next(iter(sides))
+    ours, *others = sides
+    reference = vision.encode(encoder, pixels, batch_size=sides[ours])
+    for name in others:  # the same features whatever the batch
+        torch.testing.assert_close(vision.encode(encoder, pixels, batch_size=sides[name]), reference)
+    med = alternating_medians(
+        {name: lambda b=b: vision.encode(encoder, pixels, batch_size=b) for name, b in sides.items()}, repeats
+    )
     rows = [f"| {n} | {med[n]:.2f} | {n_images / med[n]:.0f} | {med[n] / med[ours]:.2f}x |" for n in sides]
     return [
         f"### Image encoding: frozen ImageNet MobileNetV2, {n_images} images of {size} px "
